@@ -196,13 +196,14 @@ class MaskSet:
         straight-through gradient to ``w``. Empty for hard masking (weights already masked)."""
         if self.kind != "forward":
             return {}
-        out = {}
-        for n, p in self.params.items():
-            m = self._float[n]
-            if self.decay:
-                m = m + self.decay * (1 - m)
-            out[n] = _StraightThrough.apply(p, m)
-        return out
+        return {n: self.effective_weight(n) for n in self.params}
+
+    def effective_weight(self, name: str) -> torch.Tensor:
+        """Forward masking: ``w ⊙ m_eff`` of one parameter, straight-through to ``w``."""
+        m = self._float[name]
+        if self.decay:
+            m = m + self.decay * (1 - m)
+        return _StraightThrough.apply(self.params[name], m)
 
     # ------------------------------------------------------------------ accounting
     def active_counts(self) -> torch.Tensor:

@@ -76,7 +76,8 @@ class TrainState:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     device: torch.device
     generator: torch.Generator
-    run_dir: Path
+    #: the run directory (``None`` outside the Trainer)
+    run_dir: Path | None
     config: Any
     #: the run's :class:`sparsefw.data.DataSplits` (shapes, classes, input range)
     data: Any
@@ -91,10 +92,17 @@ class TrainState:
     batch: tuple[torch.Tensor, torch.Tensor] | None = None
     loss: torch.Tensor | None = None
     metrics: dict[str, torch.Tensor] = attrs.field(factory=dict)
-    #: engine helpers, set by the trainer
+    #: lifecycle helpers, set by the :class:`~sparsefw.Sparsifier`: ``forward(x)`` and
+    #: ``forward_backward(x, y, sync=True)`` run the local model as the masks define it;
+    #: ``closure(sync=True)`` re-evaluates this step's loss and gradient at the current weights
+    #: (inside a step with a closure only; ``sync=False``: this rank alone under DDP);
+    #: ``train_batches()`` iterates over training batches outside the step
     forward_backward: Callable[..., torch.Tensor] | None = None
     forward: Callable[..., torch.Tensor] | None = None
+    closure: Callable[..., Any] | None = None
     train_batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]] | None = None
+    #: inputs that replace the step's batch inputs (adversarial training), set by the lifecycle
+    inputs: torch.Tensor | None = None
     #: this process's place in a multi-process job (:class:`sparsefw.engine.distributed.DistContext`)
     dist: Any = None
     #: counts of forward and backward passes in this run (for tests and cost accounting)

@@ -50,6 +50,7 @@ def quad_state(w, a=1.0, b=4.0, mask=(True, True)):
         model=model, masks=masks, values={}, batch=(torch.zeros(1), torch.zeros(1)),
         forward_backward=forward_backward, passes=passes, named_params={"w": model.w},
     )
+    state.closure = lambda sync=True: forward_backward(*state.batch)
     return state
 
 

@@ -57,6 +57,8 @@ class GradCorrelation:
     """Log gradient correlations, pruned-gradient flow and exploration (never edits gradients)."""
 
     cfg: GradCorrelationConfig
+    #: the snapshot gradient is taken on the step's batch
+    needs = ("batch",)
     prev: list | None = None
     snap_params: dict | None = None
     snap_buffers: dict | None = None

@@ -98,6 +98,11 @@ class Agent:
     loss_pairs: list[torch.Tensor] = attrs.field(factory=list)
     _attack: tuple | None = None
 
+    def needs(self) -> tuple[str, ...]:
+        """The snapshot gradient is taken on the step's batch; the reference variant's
+        statistics pass reads the training batches at each epoch start."""
+        return ("batch", "train_batches") if self.cfg.mean_grad == "stats_pass" else ("batch",)
+
     # ------------------------------------------------------------------ helpers
     def _params(self, state) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in state.model.named_parameters() if p.requires_grad}

@@ -55,6 +55,10 @@ class PGDTraining:
 
     cfg: PGDConfig
     _units: AttackUnits | None = None
+
+    def needs(self) -> tuple[str, ...]:
+        """Adversarial training crafts from the step's batch and replaces its inputs."""
+        return ("batch", "inputs") if self.cfg.train else ()
     #: the contract harness trains on synthetic data, which has no valid pixel range
     contract_hints: ClassVar[dict] = {
         "options": {"units": "input", "eps": 0.1, "step_size": 0.05, "steps": 2, "eval_steps": 2}

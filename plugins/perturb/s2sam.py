@@ -10,13 +10,15 @@ one backward, like plain SGD::
              w   restored exactly; the optimizer steps with g_t; g_t is kept for step t+1
 
 ``g_{t−1}`` is the gradient the optimizer used at step t−1 (after every gradient correction).
-With hard masks and the mask-aware default it is read from ``.grad`` itself, which still holds it
-when the next step's perturb hook runs (pruned entries already zero): no copy is kept. For the
-dense perturbation and for forward masks it is copied, before hard masking, in this component's
-``gradient_correct`` hook, which runs last. Masks, ASAM (``adaptive``, with ``T = |w_t|``), the schedule value ``rho`` and AMP are
-handled as in ``sam`` (see :func:`sparsefw_plugins.perturb.sam.ascent`): by default only active
-weights are perturbed, with the norm over active entries, using the *current* mask (entries
-dropped by a topology update leave the perturbation). A non-finite stored gradient (an fp16 step
+This component's ``gradient_correct`` hook, which runs last, keeps it: with hard masks and the
+mask-aware default it keeps *references* to the ``.grad`` tensors (the hard masks then zero
+their pruned entries in place, and zeroing gradients with ``set_to_none`` leaves the tensors
+alive), so no copy is made and no mask product is needed; for the dense perturbation and for
+forward masks it copies them, before hard masking. Masks, ASAM (``adaptive``, with
+``T = |w_t|``), the schedule value ``rho`` and AMP are handled as in ``sam`` (see
+:func:`sparsefw_plugins.perturb.sam.ascent`): by default only active weights are perturbed, with
+the norm over active entries, using the *current* mask (entries dropped by a topology update
+leave the perturbation). A non-finite stored gradient (an fp16 step
 the loss scaler skipped) gives no perturbation. Memory: one gradient copy per parameter.
 """
 
@@ -37,45 +39,40 @@ class S2SAM:
     """Single-step SAM: perturb along the previous step's gradient (1 forward + 1 backward)."""
 
     cfg: SharpnessConfig
-    #: a kept copy of the previous step's gradient (None: read the live ``.grad``, or none yet)
+    #: the previous step's gradient: references to the ``.grad`` tensors (hard masks,
+    #: mask-aware) or a copy; ``None`` before the first step
     last: dict[str, torch.Tensor] | None = None
     #: the next step starts unperturbed (after a lottery round's rewind)
     skip_next: bool = False
 
-    def _live(self, state) -> bool:
-        """With hard masks and the mask-aware default, the previous step's gradient is still
-        in ``.grad`` when the perturb hook runs (the engine zeroes gradients after it) and its
-        pruned entries are already zero: no copy and no mask product are needed."""
+    def _by_reference(self, state) -> bool:
+        """With hard masks and the mask-aware default the kept ``.grad`` tensors are zeroed
+        at pruned entries in place by the hard masks: references serve, premasked."""
         return state.masks.kind == "hard" and not self.cfg.perturb_pruned
 
     @hookimpl
     def sparsefw_perturb(self, state):
+        grads, self.last = self.last, None  # references dropped: their memory can be reused
         if self.skip_next:
             self.skip_next = False
-            self.last = None
             return None
-        named = state.named_params
-        live = self._live(state) and self.last is None
-        grads = ({n: p.grad for n, p in named.items() if p.grad is not None} if live
-                 else self.last)
-        if self._live(state):
-            self.last = None  # a copy restored from a checkpoint is used once
         if not grads:
             return None
         c = self.cfg
         e = ascent(
-            grads, named, state.masks, state.values.get("rho", c.rho),
-            perturb_pruned=c.perturb_pruned, premasked=self._live(state), adaptive=c.adaptive,
-            eta=c.eta, sanitize=fp16(state),
+            grads, state.named_params, state.masks, state.values.get("rho", c.rho),
+            perturb_pruned=c.perturb_pruned, premasked=self._by_reference(state),
+            adaptive=c.adaptive, eta=c.eta, sanitize=fp16(state),
         )
         return Perturbation(params=e)
 
     @hookimpl(trylast=True)
     def sparsefw_gradient_correct(self, state):
-        if self._live(state):
-            return
         grads = {n: p.grad for n, p in state.named_params.items() if p.grad is not None}
         if not grads:
+            return
+        if self._by_reference(state):
+            self.last = grads
             return
         if self.last is None or self.last.keys() != grads.keys():
             self.last = {n: torch.empty_like(g) for n, g in grads.items()}
@@ -91,11 +88,7 @@ class S2SAM:
     def sparsefw_state_dict(self, state):
         if self.skip_next:
             return {"last": None, "skip_next": True}
-        if self._live(state) and self.last is None:
-            grads = {n: p.grad.clone() for n, p in state.named_params.items()
-                     if p.grad is not None}
-        else:
-            grads = None if self.last is None else {n: t.clone() for n, t in self.last.items()}
+        grads = None if self.last is None else {n: t.clone() for n, t in self.last.items()}
         return {"last": grads or None, "skip_next": False}
 
     @hookimpl

@@ -2,7 +2,9 @@
 
 Per step, on the step's batch::
 
-    g     = ∇L(w)                              pass 1 (this component, in the perturb hook)
+    g     = ∇L(w)                              pass 1 (this component, in the perturb hook,
+                                               through the step's closure; under DDP on each
+                                               rank's own batch shard, without all-reduce)
     e     = ρ · g / (‖g‖₂ + 1e-12)              global norm over all perturbed parameters
     g_sam = ∇L(w + e)                           pass 2 (the engine's forward/backward)
     w     = w − step(g_sam)                     the base optimizer, at the restored w
@@ -103,14 +105,16 @@ class SAM:
     """Sharpness-aware minimisation: ascend to w + ρ·g/‖g‖, take the gradient there (2 passes)."""
 
     cfg: SharpnessConfig
+    #: the ascent gradient is a second evaluation of the step's loss: a closure is required
+    needs = ("closure",)
 
     @hookimpl
     def sparsefw_perturb(self, state):
         named = state.named_params
         for p in named.values():
             p.grad = None
-        x, y = state.batch
-        state.forward_backward(x, y)
+        # pass 1 on this rank's own gradient: under DDP no all-reduce (SAM's ε is per replica)
+        state.closure(sync=False)
         grads = {n: p.grad for n, p in named.items() if p.grad is not None}
         c = self.cfg
         e = ascent(

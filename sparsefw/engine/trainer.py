@@ -1,41 +1,28 @@
-"""The training engine: builds a run from a :class:`~sparsefw.config.RunConfig` and drives the
-step lifecycle (see ``docs/hooks.md``)::
-
-    values = schedule hooks                 (merged into state.values)
-    if topology due and its phase is "before_forward": topology_update hook (no gradient yet)
-    perts  = perturb hooks                  (config order)
-    forward + backward on perturbed weights/inputs, then restore the weights bit-exactly
-    if topology due: topology_update hook   (dense gradient in .grad); changed entries zeroed
-    gradient_correct hooks                  (config order)
-    hard masks zero the pruned gradients; optimizer.step(); lr schedule
-    step_end observers                      (metrics synced to the host every log_every steps)
+"""The training engine: builds a run from a :class:`~sparsefw.config.RunConfig` — data, model,
+optimizer, learning-rate schedule, run directory — and drives the step lifecycle of a
+:class:`~sparsefw.sparsifier.Sparsifier` over the data, with evaluation, logging and
+checkpoints. The lifecycle itself (hooks and their order, see ``docs/hooks.md``) lives in the
+Sparsifier, which a user's own loop drives the same way; the Trainer is one front door to it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
-from sparsefw import distributions
 from sparsefw.config import ConfigError, RunConfig
 from sparsefw.engine import checkpoint, distributed
 from sparsefw.engine.loaders import BatchSource
 from sparsefw.engine.optim import build_lr_schedule, build_optimizer
 from sparsefw.engine.rundir import make_run_dir, write_run_info
-from sparsefw.masks import MaskSet, sparsifiable_params
-from sparsefw.plugins import Catalogue, RunPlugins, build_run
-from sparsefw.state import Perturbation, TrainState
+from sparsefw.plugins import Catalogue, RunPlugins
+from sparsefw.sparsifier import MASK_DECAY, TOPOLOGY_PHASES, Sparsifier
 
-#: the schedule value the engine reads as the forward masks' β (``MaskSet.decay``)
-MASK_DECAY = "mask_decay"
-#: when a topology component runs within a step (its class attribute ``phase``)
-TOPOLOGY_PHASES = ("after_backward", "before_forward")
+__all__ = ["Trainer", "train", "resolve_device", "MASK_DECAY", "TOPOLOGY_PHASES"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,18 +83,11 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        self._prefix = "module." if self.dist.enabled else ""
         self.forward_model = torch.compile(wrapped) if tc.compile else wrapped
         if self.dist.enabled:  # plugins' extra passes run on the local model, without DDP
             self.local_model = torch.compile(model) if tc.compile else model
         else:
             self.local_model = self.forward_model
-
-        sp = cfg.sparsity
-        self.masks = MaskSet(sparsifiable_params(model, sp.dense_layers), kind=sp.kind)
-        shapes = {n: tuple(p.shape) for n, p in self.masks.params.items()}
-        if shapes:
-            self.masks.targets = distributions.active_counts(shapes, sp.density, sp.distribution)
 
         self.steps_per_epoch = len(self.train_source)
         self.steps_per_round = tc.epochs * self.steps_per_epoch
@@ -126,174 +106,73 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.amp == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.amp)
 
-        self.plugins: RunPlugins = build_run(cfg, catalogue, observers=self.dist.is_main)
-        topo = self.plugins.topology()
-        self.interval = topo.options if topo is not None else None
-        self.topology = topo.instance if topo is not None else None
-        self.topology_phase = getattr(self.topology, "phase", "after_backward")
-        if self.topology_phase not in TOPOLOGY_PHASES:
-            raise ConfigError([f"topology component {topo.name!r}: phase "
-                               f"{self.topology_phase!r} is not one of {TOPOLOGY_PHASES}"])
+        # the step lifecycle: the same object a user's own loop drives
+        self.sparsifier = Sparsifier(
+            model, self.optimizer, cfg, catalogue=catalogue, total_steps=self.total_steps,
+            steps_per_epoch=self.steps_per_epoch, scaler=self.scaler, loss_fn=F.cross_entropy,
+            init_masks=False, forward_model=self.forward_model, dist=self.dist,
+            observers=self.dist.is_main, front_door="trainer",
+            after_optimizer_step=self._after_optimizer_step,
+        )
+        self.sparsifier.local_forward_model = self.local_model
+        self.masks = self.sparsifier.masks
+        self.plugins: RunPlugins = self.sparsifier.plugins
+        self.interval = self.sparsifier.interval
+        self.topology = self.sparsifier.topology
+        self.topology_phase = self.sparsifier.topology_phase
 
         self.run_dir = make_run_dir(cfg, run_dir, config_source, self.dist)
-        generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
-        self.state = TrainState(
-            model=model, optimizer=self.optimizer, masks=self.masks,
-            loss_fn=F.cross_entropy, device=self.device, generator=generator,
-            run_dir=self.run_dir, config=cfg, data=self.data, steps_per_epoch=self.steps_per_epoch,
-            total_steps=self.total_steps, steps_per_round=self.steps_per_round, dist=self.dist,
-        )
-        self.state.forward = self.forward
-        self.state.forward_backward = self.forward_backward
-        self.state.train_batches = lambda: self.train_source.epoch(self.state.epoch)
+        self.state = self.sparsifier.state
+        st = self.state
+        st.run_dir, st.data, st.steps_per_round = self.run_dir, self.data, self.steps_per_round
+        st.train_batches = lambda: self.train_source.epoch(self.state.epoch)
         self.raw_config = raw_config
         self._acc = self._zero_acc()
-        self._schedule_owner: dict[str, str] = {}
-        self._saved: dict[str, torch.Tensor] = {}
         self.resumed = False
 
     # ------------------------------------------------------------------ passes
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def forward(self, x: torch.Tensor, *, synced: bool = False) -> torch.Tensor:
-        """Model output for ``x`` as the masks define it (forward masking substitutes
-        ``w ⊙ m_eff``); counts one forward pass. ``state.forward`` runs the local model; only
-        the training step's pass (``synced``) goes through DDP, whose backward all-reduces."""
-        self.state.passes["forward"] += 1
-        model, prefix = (self.forward_model, self._prefix) if synced else (self.local_model, "")
-        with self._autocast():
-            effective = self.masks.effective()
-            if effective:
-                named = {prefix + n: w for n, w in effective.items()}
-                return functional_call(model, named, (x,))
-            return model(x)
+        """Model output for ``x`` as the masks define it; counts one forward pass. Only the
+        training step's pass (``synced``) goes through DDP, whose backward all-reduces."""
+        model = self.forward_model if synced else self.local_model
+        return self.sparsifier.forward(x, model=model)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Forward, loss and backward into ``.grad`` (accumulating); returns the detached loss.
-        Counts one forward and one backward pass; never syncs with the host."""
-        out = self.forward(x, synced=True)
-        loss = self.state.loss_fn(out.float(), y)
-        self.state.passes["backward"] += 1
-        self.scaler.scale(loss).backward()
-        self._last_logits = out.detach()
-        return loss.detach()
+        """Forward, loss and backward into ``.grad`` (accumulating) through the DDP-wrapped
+        model; returns the detached loss. Counts one forward and one backward pass."""
+        return self.sparsifier.forward_backward(x, y)
 
     # ------------------------------------------------------------------ one step
-    def _schedule_values(self) -> dict[str, float]:
-        values: dict[str, float] = {}
-        answers = self.plugins.hook.sparsefw_schedule(state=self.state)
-        if not self._schedule_owner and answers:  # first step: who answers which name
-            impls = self.plugins.hook.sparsefw_schedule.get_hookimpls()
-            owners = [i.plugin_name for i in reversed(impls)]
-            for owner, ans in zip(owners, answers, strict=False):
-                for k in ans or {}:
-                    if k in self._schedule_owner:
-                        raise ConfigError([f"schedule value {k!r} is produced by both "
-                                           f"{self._schedule_owner[k]} and {owner}"])
-                    self._schedule_owner[k] = owner
-        for ans in answers:
-            values.update(ans or {})
-        return values
-
-    @torch.no_grad()
-    def _apply_perturbations(self, perts: list[Perturbation]):
-        offsets: dict[str, torch.Tensor] = {}
-        for p in perts:
-            for name, delta in p.params.items():
-                offsets[name] = offsets[name] + delta if name in offsets else delta
-        if not offsets:
-            return None
-        named = self.state.named_params
-        params = [named[n] for n in offsets]
-        saved = [self._saved_buffer(n, named[n]) for n in offsets]
-        torch._foreach_copy_(saved, params)
-        torch._foreach_add_(params, list(offsets.values()))
-        return params, saved
-
-    def _saved_buffer(self, name: str, param: torch.Tensor) -> torch.Tensor:
-        """A buffer kept across steps to save ``param`` in before a perturbation."""
-        buf = self._saved.get(name)
-        if buf is None or buf.shape != param.shape or buf.dtype != param.dtype:
-            buf = self._saved[name] = torch.empty_like(param)
-        return buf
-
     def topology_due(self) -> bool:
-        """Whether the topology component runs at this step: its own ``topology_due(state)``
-        if it has one, else its update interval."""
-        if self.interval is None:
-            return False
-        ask = getattr(self.topology, "topology_due", None)
-        if ask is not None:
-            return bool(ask(self.state))
-        return self.interval.due(self.state.step, self.state.total_steps)
-
-    def _update_topology(self) -> bool:
-        """Run the topology hook and enforce what the engine owns; returns whether the
-        component asked to skip this step's optimizer update."""
-        st = self.state
-        hard = self.masks.kind == "hard"
-        before = {n: m.clone() for n, m in self.masks.masks.items()} if hard else {}
-        change = self.plugins.hook.sparsefw_topology_update(state=st)
-        # hard masks: dropped and grown entries restart at zero with zero optimizer state;
-        # forward masks keep the dense weights as they are
-        for n, old in before.items():
-            self.masks.zero_where(n, old ^ self.masks.masks[n], self.optimizer)
-        self.masks.apply_()
-        distributed.check_in_sync(self.masks.masks, self.dist, "the mask")
-        if change is None:
-            return False
-        for key, counts in (("topology/dropped", change.dropped), ("topology/grown", change.grown)):
-            total = _total(counts, self.device)  # summed over the logging window
-            st.metrics[key] = st.metrics[key] + total if key in st.metrics else total
-        return change.skip_optimizer_step
+        """Whether the topology component runs at this step (see :class:`Sparsifier`)."""
+        return self.sparsifier.topology_due()
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Run one training step on batch ``(x, y)``."""
+        """Run one training step on batch ``(x, y)``: the Sparsifier's step with this
+        batch's forward/backward as the closure (adversarial inputs replace ``x`` when a
+        perturbation supplies them)."""
         st = self.state
-        st.batch = (x, y)
-        st.values = self._schedule_values()
-        if MASK_DECAY in st.values:  # β of forward masks (MDGF) is a schedule value
-            self.masks.decay = float(st.values[MASK_DECAY])
-        skip = False
-        if self.topology_phase == "before_forward" and self.topology_due():
-            skip = self._update_topology()
-        perts = [p for p in self.plugins.hook.sparsefw_perturb(state=st) if p is not None]
-        self.optimizer.zero_grad(set_to_none=True)
-        inputs = next((p.inputs for p in reversed(perts) if p.inputs is not None), x)
-        restore = self._apply_perturbations(perts)
-        loss = self.forward_backward(inputs, y)
-        if restore is not None:
-            with torch.no_grad():
-                torch._foreach_copy_(*restore)
-        st.loss = loss
-        self.scaler.unscale_(self.optimizer)
 
-        if self.topology_phase == "after_backward" and self.topology_due():
-            skip = self._update_topology()
+        def closure():
+            return self.sparsifier.forward_backward(st.inputs if st.inputs is not None else x, y)
 
-        self.plugins.hook.sparsefw_gradient_correct(state=st)
-        self.masks.mask_grads_()
-        if not skip:
-            self.scaler.step(self.optimizer)
-        self.scaler.update()
-        # no masks.apply_() here: with pruned gradients zero and the optimizer state of pruned
-        # entries zero (zeroed whenever a mask changes), SGD and AdamW leave pruned weights
-        # exactly zero; the masks are applied whenever they change instead
+        self.sparsifier.step(closure, batch=(x, y))
+
+    def _after_optimizer_step(self) -> dict[str, float] | None:
+        """The Trainer's bookkeeping after each optimizer step: the learning-rate schedule,
+        the training loss and accuracy accumulators, and every ``log_every`` steps the metrics
+        for the ``step_end`` observers (one host sync)."""
+        st = self.state
         self.lr_schedule.step()
-
+        _, y = st.batch
         acc = self._acc
-        acc["loss"] += loss.float()
-        acc["correct"] += (self._last_logits.argmax(1) == y).sum()
+        acc["loss"] += st.loss.float()
+        acc["correct"] += (self.sparsifier.last_output.argmax(1) == y).sum()
         acc["seen"] += y.numel()
         acc["steps"] += 1
-        st.step += 1
-        metrics = None
         if st.step % self.cfg.train.log_every == 0 or st.step == st.total_steps:
-            metrics = self._read_train_metrics()
-        self.plugins.hook.sparsefw_step_end(state=st, metrics=metrics)
+            return self._read_train_metrics()
+        return None
 
     def _zero_acc(self) -> dict[str, Any]:
         z = torch.zeros((), device=self.device)
@@ -418,15 +297,7 @@ class Trainer:
                 out.append(batch)
             return out
 
-        answer = self.plugins.hook.sparsefw_mask_init(state=self.state, batches=batches)
-        self.model.zero_grad(set_to_none=True)
-        for name in self.masks.names:
-            if name not in answer:
-                raise RuntimeError(f"mask_init answer lacks a mask for {name}")
-            self.masks.update(name, answer[name])
-        self.masks.apply_()
-        self.masks.refresh_sparse_layers()
-        distributed.check_in_sync(self.masks.masks, self.dist, "the initial mask")
+        self.sparsifier.init_masks(batches)
 
     def position(self, step: int) -> tuple[int, int]:
         """``(round, iteration within the round)`` of the run's ``step``. The first round runs
@@ -490,11 +361,6 @@ class Trainer:
             metrics = self.evaluate()
         self.plugins.hook.sparsefw_run_end(state=st, metrics=metrics)
         return metrics
-
-
-def _total(counts: dict[str, Any], device: torch.device) -> torch.Tensor:
-    values = [torch.as_tensor(v, device=device) for v in counts.values()]
-    return torch.stack(values).sum() if values else torch.zeros((), device=device)
 
 
 def train(

@@ -284,7 +284,8 @@ def make_state(
     ``num_classes`` attributes are read). Masks are random with each layer's allocated count at
     ``density`` (``distribution`` allocation), weights are masked, and with ``backward`` the
     step's batch has been run forward and backward so ``.grad`` holds the dense gradient.
-    The engine helpers ``forward``, ``forward_backward`` and ``train_batches`` work.
+    The lifecycle helpers ``forward``, ``forward_backward``, ``closure`` and ``train_batches``
+    work.
     """
     from sparsefw.data import DataSplits
 
@@ -325,18 +326,21 @@ def make_state(
         effective = masks.effective()
         return functional_call(model, effective, (x,)) if effective else model(x)
 
-    def forward_backward(x, y):
+    def forward_backward(x, y, *, sync=True):
         loss = state.loss_fn(forward(x).float(), y)
         state.passes["backward"] += 1
         loss.backward()
         return loss.detach()
 
+    def closure(*, sync=True):
+        return forward_backward(*state.batch)
+
     def train_batches():
         for i in range(0, n, batch_size):
             yield xs[i:i + batch_size], ys[i:i + batch_size]
 
-    state.forward, state.forward_backward, state.train_batches = (
-        forward, forward_backward, train_batches)
+    state.forward, state.forward_backward, state.train_batches, state.closure = (
+        forward, forward_backward, train_batches, closure)
     state.batch = (xs[:batch_size], ys[:batch_size])
     if backward:
         forward_backward(*state.batch)

@@ -1,0 +1,716 @@
+"""The step lifecycle of sparse training as one object, :class:`Sparsifier`, that every front
+door drives: the :class:`~sparsefw.engine.Trainer`, a user's own PyTorch loop, and the Hugging
+Face and Lightning callbacks in :mod:`sparsefw.integrations`.
+
+It owns the masks, the run's plugin manager, the schedule values, perturbation save/restore and
+the order of the hooks, and wraps the user's optimizer the way ``torch.optim.LBFGS`` or SAM
+does: ``sparsifier.step(closure)`` runs one whole sparse step around ``optimizer.step()``::
+
+    pre_forward()      schedule hooks (merged into state.values); before-forward topology (N:M)
+    perturb            perturb hooks (config order); offsets added to the weights
+    closure()          zeroed gradients, then the user's forward + backward (all micro-batches)
+    restore            the weights copied back bit-exactly
+    post_backward()    unscale (GradScaler); after-backward topology (dense .grad: RigL);
+                       gradient_correct hooks (config order); hard masks zero pruned gradients
+    optimizer.step()   (through the GradScaler when one is given)
+    after_step()       step counter; step_end observers; implicit epoch boundary
+
+Without a closure (``loss.backward(); sparsifier.step()``) the pre-forward phase and the
+gradient-free perturbations run from a forward pre-hook at the first training forward of each
+step, so a plain loop needs no extra call; a component that needs a pass of its own on the
+step's batch says so (``needs``) and gets a clear error naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from sparsefw import distributions
+from sparsefw.config import ConfigError, RunConfig, apply_overrides, read_toml, structure
+from sparsefw.engine import distributed
+from sparsefw.masks import MaskSet, sparsifiable_params
+from sparsefw.plugins import Catalogue, RunPlugins, build_run, load_catalogue
+from sparsefw.state import Perturbation, TrainState
+
+__all__ = ["METHOD_SECTIONS", "Sparsifier", "SparsifierError", "method_config"]
+
+#: the sections of a run config that describe the method (what a Sparsifier takes)
+METHOD_SECTIONS = ("sparsity", "mask_init", "topology_update", "gradient_correct", "perturb",
+                   "schedule")
+#: the schedule value the lifecycle reads as the forward masks' β (``MaskSet.decay``)
+MASK_DECAY = "mask_decay"
+#: when a topology component runs within a step (its class attribute ``phase``)
+TOPOLOGY_PHASES = ("after_backward", "before_forward")
+#: what a component may declare in its class attribute ``needs``
+NEEDS = {
+    "closure": "a closure: call sparsifier.step(closure)",
+    "batch": "the step's batch: call sparsifier.step(..., batch=(inputs, targets))",
+    "inputs": "to replace the step's inputs, which only the Trainer can do",
+    "train_batches": "training batches outside the step: pass Sparsifier(..., batches=...)",
+}
+_AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class SparsifierError(RuntimeError):
+    """A front door cannot give a component what it needs (a closure, the batch, ...)."""
+
+
+# ------------------------------------------------------------------------------ configuration
+@functools.cache
+def default_catalogue() -> Catalogue:
+    """The process's catalogue (built-ins and entry points), loaded once."""
+    return load_catalogue()
+
+
+def _shortcut_tables(shortcuts: Mapping[str, Any]) -> dict:
+    """Keyword shortcuts (``density``, ``distribution``, ``dense_layers``, ``kind``,
+    ``mask_init``, ``topology``) as config tables."""
+    out: dict[str, Any] = {}
+    sparsity = {k: shortcuts[k] for k in ("density", "distribution", "dense_layers", "kind")
+                if shortcuts.get(k) is not None}
+    if sparsity:
+        out["sparsity"] = sparsity
+    for key, section in (("mask_init", "mask_init"), ("topology", "topology_update")):
+        value = shortcuts.get(key)
+        if value is not None:
+            out[section] = {"name": value} if isinstance(value, str) else dict(value)
+    return out
+
+
+def method_config(
+    config: RunConfig | Mapping | str | Path | None,
+    catalogue: Catalogue,
+    **shortcuts: Any,
+) -> RunConfig:
+    """A :class:`RunConfig` from the method sections of ``config`` (a TOML path, a TOML string,
+    a dict, or a RunConfig), with keyword shortcuts merged over it. Sections other than the
+    method sections (and ``seed``) are refused; every problem is reported in one
+    :class:`ConfigError`, as for ``sparsefw train``."""
+    from sparsefw.config import merge_tables
+
+    if isinstance(config, RunConfig):
+        if shortcuts and any(v is not None for v in shortcuts.values()):
+            raise ConfigError(["keyword shortcuts cannot be combined with a RunConfig"])
+        return config
+    source = "<config>"
+    if config is None:
+        raw: dict = {}
+    elif isinstance(config, Mapping):
+        raw = dict(config)
+    else:
+        text = str(config)
+        path = Path(text)
+        if "\n" not in text and (text.endswith(".toml") or path.is_file()):
+            raw, source = read_toml(path), path.name
+        else:
+            import tomllib
+
+            try:
+                raw = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError([f"{source}: not valid TOML: {e}"]) from None
+    raw = merge_tables(raw, _shortcut_tables(shortcuts))
+    allowed = ("seed", "extends", *METHOD_SECTIONS)
+    problems = [f"{source}: [{k}] is not a method section; a Sparsifier takes: "
+                f"{', '.join(allowed)}" for k in raw if k not in allowed]
+    if problems:
+        raise ConfigError(problems)
+    return structure(apply_overrides(raw, ()), catalogue.registry, source=source)
+
+
+# ------------------------------------------------------------------------------ helpers
+def _unwrap_model(model: torch.nn.Module):
+    """``(local module, DDP wrapper or None)`` beneath ``torch.compile`` and DDP wrappers."""
+    ddp = None
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            ddp, model = model, model.module
+        else:
+            return model, ddp
+
+
+def _unwrap_optimizer(opt):
+    """The torch optimizer inside Accelerate's and Lightning's wrappers."""
+    for attr in ("optimizer", "_optimizer"):
+        inner = getattr(opt, attr, None)
+        if isinstance(inner, torch.optim.Optimizer) and inner is not opt:
+            return _unwrap_optimizer(inner)
+    return opt
+
+
+def _dist_context() -> distributed.DistContext:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return distributed.DistContext(rank=torch.distributed.get_rank(),
+                                       world_size=torch.distributed.get_world_size())
+    return distributed.DistContext()
+
+
+def _total(counts: dict[str, Any], device: torch.device) -> torch.Tensor:
+    values = [torch.as_tensor(v, device=device) for v in counts.values()]
+    return torch.stack(values).sum() if values else torch.zeros((), device=device)
+
+
+#: optimizers whose every parameter-shaped state tensor is zeroed where a mask changes, so
+#: pruned weights stay exactly zero without re-masking the weights after each step
+_MASK_SAFE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+# ------------------------------------------------------------------------------ the lifecycle
+class Sparsifier:
+    """Sparse training around any ``torch.optim.Optimizer``, in any training loop.
+
+    ``model`` may be wrapped in DDP and/or ``torch.compile``; its sparsifiable parameters are
+    the Linear/Conv weights that require grad, belong to ``optimizer`` and match no
+    ``[sparsity] dense_layers`` pattern. ``config`` holds the method sections of a run config
+    (a TOML path or string, a dict, or a :class:`~sparsefw.config.RunConfig`); keyword shortcuts
+    (``density``, ``distribution``, ``dense_layers``, ``kind``, ``mask_init``, ``topology``)
+    are merged over it. ``total_steps`` is the number of optimizer steps of the run
+    (topology schedules need it). ``steps_per_epoch`` makes epoch boundaries implicit; without
+    it call :meth:`epoch_end`. ``batches`` (a re-iterable such as a DataLoader, or a callable
+    returning an iterator) feeds components that need data outside the step (SNIP/GraSP
+    scores, AGENT's statistics pass). ``loss_fn(output, target)`` is what those passes
+    minimise (cross-entropy by default). ``scaler`` is the user's ``torch.amp.GradScaler``
+    (closures then call ``scaler.scale(loss).backward()``; the Sparsifier unscales and steps
+    through it); ``amp`` (``"off"``, ``"bf16"``, ``"fp16"``) the autocast of the
+    components' own passes. The masks are initialised at construction (``init_masks``).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: RunConfig | Mapping | str | Path | None = None,
+        *,
+        total_steps: int,
+        steps_per_epoch: int | None = None,
+        batches: Iterable | Callable[[], Iterable] | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        amp: str = "off",
+        catalogue: Catalogue | None = None,
+        init_masks: bool = True,
+        forward_model: torch.nn.Module | None = None,
+        dist: distributed.DistContext | None = None,
+        observers: bool = False,
+        front_door: str = "loop",
+        after_optimizer_step: Callable[[], dict | None] | None = None,
+        **shortcuts: Any,
+    ):
+        if total_steps is None or int(total_steps) <= 0:
+            raise ValueError(f"total_steps must be a positive number of optimizer steps, got "
+                             f"{total_steps!r}")
+        if amp not in _AMP:
+            raise ValueError(f"amp = {amp!r} is not one of: {', '.join(_AMP)}")
+        self.catalogue = catalogue or default_catalogue()
+        cfg = method_config(config, self.catalogue, **shortcuts)
+        if cfg.train.amp != amp and front_door != "trainer":
+            cfg = attrs.evolve(cfg, train=attrs.evolve(cfg.train, amp=amp))
+        self.cfg = cfg
+        self.front_door = front_door
+        self.model, found_ddp = _unwrap_model(model)
+        self.forward_model = forward_model if forward_model is not None else model
+        #: the module the components' own passes run (no DDP; the Trainer's compiled one)
+        self.local_forward_model = self.model
+        self.ddp = found_ddp if found_ddp is not None else _unwrap_model(self.forward_model)[1]
+        self.optimizer = _unwrap_optimizer(optimizer)
+        self.scaler = scaler
+        self.amp_dtype = _AMP[cfg.train.amp]
+        self.loss_fn = loss_fn or F.cross_entropy
+        self.dist = dist if dist is not None else _dist_context()
+        first = next(self.model.parameters(), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.after_optimizer_step = after_optimizer_step
+
+        sp = cfg.sparsity
+        in_optimizer = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        params = {n: p for n, p in sparsifiable_params(self.model, sp.dense_layers).items()
+                  if p.requires_grad and id(p) in in_optimizer}
+        self.masks = MaskSet(params, kind=sp.kind)
+        shapes = {n: tuple(p.shape) for n, p in params.items()}
+        if shapes:
+            self.masks.targets = distributions.active_counts(shapes, sp.density, sp.distribution)
+
+        self.plugins: RunPlugins = build_run(cfg, self.catalogue, observers=observers)
+        topo = self.plugins.topology()
+        self.interval = topo.options if topo is not None else None
+        self.topology = topo.instance if topo is not None else None
+        self.topology_phase = getattr(self.topology, "phase", "after_backward")
+        if self.topology_phase not in TOPOLOGY_PHASES:
+            raise ConfigError([f"topology component {topo.name!r}: phase "
+                               f"{self.topology_phase!r} is not one of {TOPOLOGY_PHASES}"])
+        self.needs = self._collect_needs()
+        self._batches = batches
+        if "train_batches" in self.needs and batches is None and front_door != "trainer":
+            self._refuse("train_batches")
+        if "inputs" in self.needs and front_door != "trainer":
+            self._refuse("inputs")
+
+        generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        steps_per_epoch = int(steps_per_epoch) if steps_per_epoch else None
+        self.state = TrainState(
+            model=self.model, optimizer=self.optimizer, masks=self.masks, loss_fn=self.loss_fn,
+            device=self.device, generator=generator, run_dir=None, config=cfg, data=None,
+            steps_per_epoch=steps_per_epoch or int(total_steps), total_steps=int(total_steps),
+            steps_per_round=int(total_steps), dist=self.dist,
+        )
+        st = self.state
+        st.forward = self.forward
+        st.forward_backward = self.forward_backward
+        st.closure = self._missing("closure")
+        st.train_batches = self._train_batches
+        self._implicit_epochs = steps_per_epoch is not None
+        self._manage_epochs = front_door != "trainer"
+        self._epoch_started = False
+        self._prepared_step: int | None = None
+        self._pending: tuple[list, list] | None = None  # perturbation applied before a forward
+        self._in_step = False
+        self._own_pass = 0
+        self._skip_optimizer = False
+        self._schedule_owner: dict[str, str] = {}
+        self._saved: dict[str, torch.Tensor] = {}
+        self._reapply_masks = not isinstance(self.optimizer, _MASK_SAFE_OPTIMIZERS)
+        self.counts_closure_passes = front_door != "trainer"
+        self.last_output: torch.Tensor | None = None
+        self._handles: list = []
+        if front_door != "trainer":
+            from sparsefw import forward_masking
+
+            if self.masks.kind == "forward":
+                self._handles += forward_masking.install(self.model, self.masks)
+            hook = self._on_forward
+            if hasattr(self.forward_model, "_orig_mod") or hasattr(model, "_orig_mod"):
+                hook = torch.compiler.disable(hook)  # runs eagerly before the compiled graph
+            self._handles.append(self.model.register_forward_pre_hook(hook))
+        if init_masks:
+            self.init_masks()
+
+    # ------------------------------------------------------------------ requirements
+    def _collect_needs(self) -> dict[str, list[str]]:
+        """``need -> [component keys]`` from each component's class attribute ``needs``."""
+        out: dict[str, list[str]] = {}
+        for comp in self.plugins.components:
+            needs = getattr(comp.instance, "needs", ())
+            if callable(needs):
+                needs = needs()
+            for need in needs:
+                if need not in NEEDS:
+                    raise ConfigError([f"component {comp.key}: unknown need {need!r}; "
+                                       f"choices: {', '.join(NEEDS)}"])
+                out.setdefault(need, []).append(comp.key)
+        return out
+
+    def _refuse(self, need: str):
+        who = ", ".join(self.needs.get(need, ["a component"]))
+        raise SparsifierError(f"{who} needs {NEEDS[need]}")
+
+    def _missing(self, need: str):
+        def missing(*_args, **_kwargs):
+            self._refuse(need)
+        return missing
+
+    def _train_batches(self):
+        if self._batches is None:
+            self._refuse("train_batches")
+        source = self._batches() if callable(self._batches) else self._batches
+        for batch in source:
+            yield self._to_device(batch)
+
+    def _to_device(self, batch):
+        x, y = batch
+        return (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+
+    # ------------------------------------------------------------------ passes
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def forward(self, x: torch.Tensor, *, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """The model's output for ``x`` as the masks define it (forward masking substitutes
+        ``w ⊙ m_eff``), under the run's autocast; counts one forward pass. Components' own
+        passes run on the local model (no DDP synchronisation)."""
+        self.state.passes["forward"] += 1
+        model = self.local_forward_model if model is None else model
+        self._own_pass += 1
+        try:
+            with self._autocast():
+                effective = self.masks.effective()
+                if effective:
+                    synced = self.ddp is not None and model is self.forward_model
+                    prefix = "module." if synced else ""
+                    return functional_call(model, {prefix + n: w for n, w in effective.items()},
+                                           (x,))
+                return model(x)
+        finally:
+            self._own_pass -= 1
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, *, sync: bool = True):
+        """Forward, loss and (scaled) backward into ``.grad``; returns the detached loss.
+        ``sync``: through the DDP-wrapped model (gradients all-reduced); ``sync=False`` runs
+        the pass on this rank alone (``no_sync``). Counts one forward and one backward."""
+        ctx = self.ddp.no_sync() if (not sync and self.ddp is not None) else contextlib.nullcontext()
+        with ctx:
+            out = self.forward(x, model=self.forward_model if sync else self.local_forward_model)
+            loss = self.loss_fn(out.float(), y)
+            self.state.passes["backward"] += 1
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self.last_output = out.detach()
+        return loss.detach()
+
+    def _run_closure(self, closure: Callable, *, sync: bool = True):
+        """Evaluate the user's closure (``no_sync`` under DDP when ``sync`` is False)."""
+        ctx = self.ddp.no_sync() if (not sync and self.ddp is not None) else contextlib.nullcontext()
+        with ctx:
+            loss = closure()
+        if self.counts_closure_passes:
+            self.state.passes["forward"] += 1
+            self.state.passes["backward"] += 1
+        return loss.detach() if torch.is_tensor(loss) else loss
+
+    # ------------------------------------------------------------------ masks
+    def init_masks(self, batches: Callable[[int], list] | None = None) -> None:
+        """Ask the ``mask_init`` component for the first masks and apply them.
+        ``batches(n)`` returns ``n`` training batches (default: from ``batches`` of the
+        constructor, cycling)."""
+        if batches is None:
+            batches = self._cycling_batches
+        answer = self.plugins.hook.sparsefw_mask_init(state=self.state, batches=batches)
+        self.model.zero_grad(set_to_none=True)
+        for name in self.masks.names:
+            if answer is None or name not in answer:
+                raise RuntimeError(f"mask_init answer lacks a mask for {name}")
+            self.masks.update(name, answer[name])
+        self.masks.apply_()
+        self.masks.refresh_sparse_layers()
+        distributed.check_in_sync(self.masks.masks, self.dist, "the initial mask")
+
+    def _cycling_batches(self, n: int) -> list:
+        if self._batches is None:
+            who = self.plugins.components[0].key
+            raise SparsifierError(f"{who} needs training batches to score the first mask: "
+                                  "pass Sparsifier(..., batches=...)")
+        out: list = []
+        while len(out) < n:
+            before = len(out)
+            for batch in self._train_batches():
+                out.append(batch)
+                if len(out) == n:
+                    break
+            if len(out) == before:
+                raise SparsifierError("batches yielded no batch")
+        return out
+
+    def topology_due(self) -> bool:
+        """Whether the topology component runs at this step: its own ``topology_due(state)``
+        if it has one, else its update interval."""
+        if self.interval is None:
+            return False
+        ask = getattr(self.topology, "topology_due", None)
+        if ask is not None:
+            return bool(ask(self.state))
+        return self.interval.due(self.state.step, self.state.total_steps)
+
+    def update_topology(self) -> bool:
+        """Run the topology hook and enforce what the lifecycle owns; returns whether the
+        component asked to skip this step's optimizer update."""
+        st = self.state
+        hard = self.masks.kind == "hard"
+        before = {n: m.clone() for n, m in self.masks.masks.items()} if hard else {}
+        change = self.plugins.hook.sparsefw_topology_update(state=st)
+        # hard masks: dropped and grown entries restart at zero with zero optimizer state;
+        # forward masks keep the dense weights as they are
+        for n, old in before.items():
+            self.masks.zero_where(n, old ^ self.masks.masks[n], self.optimizer)
+        self.masks.apply_()
+        distributed.check_in_sync(self.masks.masks, self.dist, "the mask")
+        if change is None:
+            return False
+        for key, counts in (("topology/dropped", change.dropped), ("topology/grown", change.grown)):
+            total = _total(counts, self.device)  # summed over the logging window
+            st.metrics[key] = st.metrics[key] + total if key in st.metrics else total
+        return change.skip_optimizer_step
+
+    # ------------------------------------------------------------------ perturbations
+    def _schedule_values(self) -> dict[str, float]:
+        values: dict[str, float] = {}
+        answers = self.plugins.hook.sparsefw_schedule(state=self.state)
+        if not self._schedule_owner and answers:  # first step: who answers which name
+            impls = self.plugins.hook.sparsefw_schedule.get_hookimpls()
+            owners = [i.plugin_name for i in reversed(impls)]
+            for owner, ans in zip(owners, answers, strict=False):
+                for k in ans or {}:
+                    if k in self._schedule_owner:
+                        raise ConfigError([f"schedule value {k!r} is produced by both "
+                                           f"{self._schedule_owner[k]} and {owner}"])
+                    self._schedule_owner[k] = owner
+        for ans in answers:
+            values.update(ans or {})
+        return values
+
+    @torch.no_grad()
+    def _apply_perturbations(self, perts: list[Perturbation]):
+        offsets: dict[str, torch.Tensor] = {}
+        for p in perts:
+            for name, delta in p.params.items():
+                offsets[name] = offsets[name] + delta if name in offsets else delta
+        if not offsets:
+            return None
+        named = self.state.named_params
+        params = [named[n] for n in offsets]
+        saved = [self._saved_buffer(n, named[n]) for n in offsets]
+        torch._foreach_copy_(saved, params)
+        torch._foreach_add_(params, list(offsets.values()))
+        return params, saved
+
+    def _saved_buffer(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        """A buffer kept across steps to save ``param`` in before a perturbation."""
+        buf = self._saved.get(name)
+        if buf is None or buf.shape != param.shape or buf.dtype != param.dtype:
+            buf = self._saved[name] = torch.empty_like(param)
+        return buf
+
+    @torch.no_grad()
+    def _restore(self) -> None:
+        if self._pending is not None:
+            params, saved = self._pending
+            torch._foreach_copy_(params, saved)
+            self._pending = None
+
+    @contextlib.contextmanager
+    def unperturbed(self):
+        """Within the block the weights are exactly the unperturbed ones (a perturbation
+        applied before this step's forward is taken off and put back afterwards)."""
+        pending = self._pending
+        if pending is None:
+            yield
+            return
+        params, saved = pending
+        with torch.no_grad():
+            current = [p.detach().clone() for p in params]
+            torch._foreach_copy_(params, saved)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, current)
+
+    def _perturb(self) -> list[Perturbation]:
+        return [p for p in self.plugins.hook.sparsefw_perturb(state=self.state) if p is not None]
+
+    # ------------------------------------------------------------------ the three halves
+    def epoch_start(self) -> None:
+        """Begin epoch ``state.epoch``: the ``epoch_start`` hooks (statistics passes)."""
+        self._epoch_started = True
+        self.plugins.hook.sparsefw_epoch_start(state=self.state)
+
+    def epoch_end(self) -> None:
+        """End the current epoch (``epoch_end`` hooks); the next step starts the next one.
+        Implicit every ``steps_per_epoch`` steps when that was given."""
+        self.plugins.hook.sparsefw_epoch_end(state=self.state)
+        self.state.epoch += 1
+        self._epoch_started = False
+
+    def pre_forward(self) -> None:
+        """Schedule values and a before-forward topology update for the step about to run
+        (once per step; later calls in the same step do nothing)."""
+        st = self.state
+        if self._prepared_step == st.step:
+            return
+        self._prepared_step = st.step
+        if self._manage_epochs and not self._epoch_started:
+            self.epoch_start()
+        st.values = self._schedule_values()
+        if MASK_DECAY in st.values:  # β of forward masks (MDGF) is a schedule value
+            self.masks.decay = float(st.values[MASK_DECAY])
+        self._skip_optimizer = False
+        if self.topology_phase == "before_forward" and self.topology_due():
+            self._skip_optimizer = self.update_topology()
+
+    def begin_step(self) -> None:
+        """The pre-forward phase of a step driven without a closure: :meth:`pre_forward`,
+        then the perturbations that need no pass of their own (S²-SAM), applied to the
+        weights until :meth:`post_backward` restores them. Once per step; the forward
+        pre-hook calls it at the first training forward, callbacks call it explicitly."""
+        if self._prepared_step == self.state.step:
+            return
+        self.pre_forward()
+        if "closure" not in self.needs:
+            self._pending = self._apply_perturbations(self._perturb())
+
+    def _on_forward(self, module, args):
+        """Forward pre-hook of the user's model: the first training forward of a step outside
+        ``step(closure)`` begins the step."""
+        if (self._in_step or self._own_pass or not module.training
+                or not torch.is_grad_enabled() or self._prepared_step == self.state.step):
+            return None
+        self.begin_step()
+        return None
+
+    def post_backward(self, loss: torch.Tensor | None = None) -> None:
+        """After the backward: restore a perturbation applied before the forward, unscale
+        the gradients, run an after-backward topology update if due, the gradient
+        corrections, and zero the pruned gradients (hard masks)."""
+        st = self.state
+        self._restore()
+        if self._prepared_step != st.step:  # no forward seen (compiled hooks): prepare late
+            self.pre_forward()
+        if loss is not None:
+            st.loss = loss
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.topology_phase == "after_backward" and self.topology_due():
+            self._skip_optimizer = self.update_topology() or self._skip_optimizer
+        self.plugins.hook.sparsefw_gradient_correct(state=st)
+        self.masks.mask_grads_()
+
+    def optimizer_step(self) -> None:
+        """``optimizer.step()`` (through the GradScaler when one was given), unless a topology
+        component asked to skip it."""
+        if not self._skip_optimizer:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
+
+    def after_step(self) -> None:
+        """After the optimizer step: re-mask for optimizers without a masking rule, advance
+        the step counter, call the ``step_end`` observers and close an implicit epoch."""
+        st = self.state
+        if self._reapply_masks:
+            self.masks.apply_()
+        st.step += 1
+        metrics = self.after_optimizer_step() if self.after_optimizer_step is not None else None
+        self.plugins.hook.sparsefw_step_end(state=st, metrics=metrics)
+        if self._implicit_epochs and self._manage_epochs and st.step % st.steps_per_epoch == 0:
+            self.epoch_end()
+
+    def step(self, closure: Callable[[], Any] | None = None, *, batch=None):
+        """One whole sparse training step; returns the closure's loss (or ``None``).
+
+        With ``closure`` (it computes the loss, calls ``backward()`` — ``scaler.scale(loss)
+        .backward()`` with a scaler — and returns the loss; it need not zero gradients: the
+        Sparsifier does): every component works, SAM's extra pass included. Without one, call it
+        after your own ``backward()``; components that need a pass of their own raise
+        :class:`SparsifierError`. ``batch=(inputs, targets)`` is handed to components that read
+        the step's batch (``agent``)."""
+        st = self.state
+        if batch is not None:
+            st.batch = self._to_device(batch) if self.front_door != "trainer" else batch
+        elif "batch" in self.needs:
+            self._refuse("batch")
+        if closure is None:
+            if "closure" in self.needs:
+                self._refuse("closure")
+            self.post_backward()
+        else:
+            st.closure = functools.partial(self._run_closure, closure)
+            self._in_step = True
+            try:
+                self._restore()
+                self.pre_forward()
+                perts = self._perturb()
+                self.zero_grad()
+                st.inputs = next((p.inputs for p in reversed(perts) if p.inputs is not None), None)
+                restore = self._apply_perturbations(perts)
+                loss = self._run_closure(closure)
+                if restore is not None:
+                    with torch.no_grad():
+                        torch._foreach_copy_(*restore)
+            finally:
+                self._in_step = False
+                st.closure = self._missing("closure")
+            self.post_backward(loss)
+        self.optimizer_step()
+        self.after_step()
+        return st.loss if closure is not None else None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``optimizer.zero_grad``: gradients of the model's parameters set to ``None``."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def density(self) -> float:
+        """Global density over the masked parameters (one host sync)."""
+        return float(self.masks.density())
+
+    def densities(self) -> dict[str, float]:
+        """Global (``"density"``) and per-layer (``"density/NAME"``) densities."""
+        return self.masks.summary()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: masks, component states, counters, the
+        components' random generator, and a perturbation still applied to the weights."""
+        st = self.state
+        pending = None
+        if self._pending is not None:
+            names = {id(p): n for n, p in st.named_params.items()}
+            pending = {names[id(p)]: s.clone() for p, s in zip(*self._pending, strict=True)}
+        return {
+            "step": st.step,
+            "epoch": st.epoch,
+            "epoch_started": self._epoch_started,
+            "prepared_step": self._prepared_step,
+            "values": dict(st.values),
+            "masks": self.masks.state_dict(),
+            "plugins": self.plugins.states(st),
+            "generator": st.generator.get_state(),
+            "passes": dict(st.passes),
+            "pending": pending,
+        }
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (after the model and optimizer)."""
+        st = self.state
+        self.masks.load_state_dict(sd["masks"])
+        self.masks.refresh_sparse_layers()
+        st.step, st.epoch = sd["step"], sd["epoch"]
+        self._epoch_started = sd["epoch_started"]
+        self._prepared_step = sd["prepared_step"]
+        st.values = dict(sd["values"])
+        if MASK_DECAY in st.values:
+            self.masks.decay = float(st.values[MASK_DECAY])
+        st.passes.update(sd["passes"])
+        st.generator.set_state(sd["generator"])
+        self.plugins.load_states(st, sd["plugins"])
+        pending = sd.get("pending")
+        if pending:
+            named = st.named_params
+            params = [named[n] for n in pending]
+            saved = [self._saved_buffer(n, named[n]) for n in pending]
+            with torch.no_grad():
+                torch._foreach_copy_(saved, [t.to(p.device) for t, p in
+                                             zip(pending.values(), params, strict=True)])
+            self._pending = (params, saved)
+
+    def remove_hooks(self) -> None:
+        """Detach the forward hooks this Sparsifier put on the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """End of training: take off a pending perturbation, write the binary masks into the
+        weights (forward masks too: the trained dense weights become ``w ⊙ m``) and detach
+        the hooks, so the plain model is the sparse model (for ``save_pretrained``, export)."""
+        self._restore()
+        self.masks.decay = 0.0
+        params = [self.masks.params[n] for n in self.masks.names]
+        if params:
+            torch._foreach_mul_(params, [self.masks.float_mask(n) for n in self.masks.names])
+        self.remove_hooks()
