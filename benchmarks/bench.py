@@ -71,6 +71,7 @@ from sparsefw import config as config_mod
 from sparsefw.engine import Trainer
 from sparsefw.masks import sparsifiable_params
 from sparsefw.plugins import load_catalogue
+from sparsefw.sparsifier import Sparsifier
 
 #: ``[train] log_every`` of every benchmarked run: no step is a logging step
 LOG_NEVER = 10**9
@@ -159,6 +160,9 @@ class Variant:
     #: called as ``post_init(trainer)`` after ``_init_masks``
     post_init: Callable[[Trainer], None] | None = None
     note: str = ""
+    #: ``"trainer"``: the sections run in a Trainer; ``"loop"``: in the plain loop, through a
+    #: :class:`sparsefw.Sparsifier` wrapping its optimizer
+    front_door: str = "trainer"
 
 
 def _hard90(**extra) -> dict:
@@ -208,6 +212,8 @@ def variants(spec: ModelSpec, registry, names: set[str]) -> list[Variant]:
                 sections={"sparsity": {"density": 1.0, "kind": "hard"},
                           "mask_init": {"name": "random"}}),
         Variant("hard90", "(c) sparsefw hard-masked 90% (random, ERK)", sections=_hard90()),
+        Variant("loop_hard90", "(c') plain loop + Sparsifier, hard-masked 90%", base="hard90",
+                sections=_hard90(), front_door="loop"),
     ]
     nm_dense = _nm_dense_layers(spec, registry)
     sp = {"density": 0.5, "distribution": "uniform", "kind": "forward", "dense_layers": nm_dense}
@@ -346,6 +352,30 @@ class PlainRunner:
 
     def state_bytes(self) -> int:
         return tensor_bytes(self.model, self.optimizer)
+
+
+class SparsifierRunner(PlainRunner):
+    """The plain loop with a :class:`sparsefw.Sparsifier` around its optimizer: a user's own
+    loop running the variant's method sections (``sparsifier.step(closure)``)."""
+
+    def __init__(self, spec: ModelSpec, variant: Variant, catalogue, device: torch.device,
+                 compile: bool):
+        super().__init__(spec, catalogue.registry, device, compile)
+        self.sparsifier = Sparsifier(self.forward, self.optimizer, variant.sections,
+                                     catalogue=catalogue, total_steps=10**9)
+
+    def step(self, x, y) -> None:
+        def closure():
+            loss = F.cross_entropy(self.forward(x), y)
+            loss.backward()
+            return loss
+
+        self.sparsifier.step(closure)
+
+    def state_bytes(self) -> int:
+        sp = self.sparsifier
+        return tensor_bytes(self.model, self.optimizer, sp.masks,
+                            [c.instance for c in sp.plugins.components])
 
 
 class EngineRunner:
@@ -498,6 +528,8 @@ def measure_model(spec: ModelSpec, vlist: list[Variant], catalogue, device: torc
             base_alloc = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             if v.sections is None:
                 runner = PlainRunner(spec, catalogue.registry, device, args.compile)
+            elif v.front_door == "loop":
+                runner = SparsifierRunner(spec, v, catalogue, device, args.compile)
             else:
                 runner = EngineRunner(spec, v, catalogue, device, args.compile, sizes,
                                       run_dir / f"{spec.key}-{v.key}")

@@ -13,9 +13,16 @@ Two plugin managers use these specifications (see :mod:`sparsefw.plugins`):
   order, so that pluggy's last-registered-first rule calls them in config order.
 
 Every hook receives ``state``, the run's :class:`sparsefw.state.TrainState`: model, optimizer,
-masks, step and epoch counters, the merged schedule values, the current batch, the engine's
-helpers (``forward_backward``, ``train_batches``), a seeded ``generator`` and a ``metrics`` dict
-plugins may add device tensors to.
+masks, step and epoch counters, the merged schedule values, the current batch, the lifecycle's
+helpers (``forward``, ``forward_backward``, ``closure``, ``train_batches``), a seeded
+``generator`` and a ``metrics`` dict plugins may add device tensors to.
+
+The lifecycle is a :class:`sparsefw.Sparsifier`, driven by ``sparsefw train`` or by a user's
+own loop. A component that needs something only some front doors can give declares it in a
+class attribute (or method) ``needs``: ``"closure"`` (a second evaluation of the step's loss,
+``state.closure``), ``"batch"`` (``state.batch``), ``"train_batches"`` (passes over the
+training data outside the step) or ``"inputs"`` (replacing the step's inputs); a front door
+that cannot give it refuses the component with a message naming it.
 """
 
 from __future__ import annotations
@@ -87,8 +94,10 @@ def sparsefw_perturb(state):
     inputs (``inputs``). The engine adds the offsets, runs forward/backward on the perturbed
     point, then **restores the weights bit-exactly** by copying back the saved originals;
     implementations never restore anything themselves. A plugin may call
-    ``state.forward_backward(...)`` to obtain an extra gradient first (SAM's ascent step);
-    ``state.batch`` is the step's batch.
+    ``state.closure(sync=False)`` to obtain an extra gradient first (SAM's ascent step: the
+    step's loss re-evaluated at the current weights, on this rank alone under DDP) and must
+    then declare ``needs = ("closure",)``; ``state.batch`` is the step's batch when the front
+    door knows it.
     """
 
 

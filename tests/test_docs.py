@@ -47,6 +47,20 @@ def test_plugin_authoring_guide_runs():
     assert problems == []
 
 
+def test_your_loop_guide_runs():
+    """Its python blocks train with the Sparsifier with and without a closure."""
+    problems = docs_tool.check_pages([DOCS / "your-loop.md"], echo=lambda _: None)
+    assert problems == []
+
+
+def test_readme_example_runs_as_written():
+    readme = DOCS.parent / "README.md"
+    blocks = [b for b in docs_tool.code_blocks(readme) if b.lang == "python"]
+    assert blocks, "the README shows a Sparsifier example"
+    problems = docs_tool.check_pages([readme], langs=("python",), echo=lambda _: None)
+    assert problems == []
+
+
 def test_guides_exist_and_link_each_other():
     for name in ("getting-started.md", "plugin-authoring.md", "reports.md", "configuration.md"):
         assert (DOCS / name).exists(), name
