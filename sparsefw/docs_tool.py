@@ -532,6 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     langs = ("toml",) if args.no_run else ("toml", "python", "console")
     pages = [p.resolve() for p in args.pages] or guide_pages()
     problems += check_pages(pages, langs=langs)
+    if not args.pages and "python" in langs:  # the README's example runs as written
+        problems += check_pages([REPO / "README.md"], langs=("python",))
     for p in problems:
         print(f"docs: {p}", file=sys.stderr)
     print(f"docs: {len(problems)} problem(s)" if problems else "docs: all checks passed")

@@ -79,3 +79,59 @@ def run(rank: int, world: int, port: int, raw: dict, out: str, resume: str | Non
         if dist.is_initialized():
             dist.destroy_process_group()
         sys.stdout.flush()
+
+
+def run_loop(rank: int, world: int, port: int, out: str) -> None:
+    """A user's own DDP loop with a Sparsifier around its optimizer: RigL + SAM on a rank's
+    half of each global batch. Saves the weights, masks and the SAM ascent directions this
+    rank computed (which must come from its own gradient, not the all-reduced one)."""
+    import torch.nn.functional as F
+
+    from sparsefw import Sparsifier
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo")
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(),
+                                    torch.nn.Linear(32, 4))
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+        catalogue = load_catalogue(autoload=False)
+        sp = Sparsifier(ddp, opt, {"perturb": [{"name": "sam", "rho": 0.05}]},
+                        catalogue=catalogue, density=0.3,
+                        topology={"name": "rigl", "every": 2, "end": 1.0}, total_steps=6)
+        eps = []
+
+        def after(outcome, name, impls, kwargs):
+            if name == "sparsefw_perturb":
+                pert, = outcome.get_result()
+                eps.append({n: t.clone() for n, t in pert.params.items()})
+
+        sp.plugins.pm.add_hookcall_monitoring(lambda *args: None, after)
+        init = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+                "masks": {k: v.clone() for k, v in sp.masks.masks.items()}}
+        gen = torch.Generator().manual_seed(1)
+        local = []
+        for _ in range(6):
+            x, y = torch.randn(16, 8, generator=gen), torch.randint(0, 4, (16,), generator=gen)
+            xs, ys = x[rank * 8:(rank + 1) * 8], y[rank * 8:(rank + 1) * 8]
+            local.append((xs, ys))
+
+            def closure(xs=xs, ys=ys):
+                loss = F.cross_entropy(ddp(xs), ys)
+                loss.backward()
+                return loss
+
+            sp.step(closure)
+        torch.save({"model": model.state_dict(), "masks": dict(sp.masks.masks), "eps": eps,
+                    "batches": local, "step": sp.state.step, "init": init},
+                   os.path.join(out, f"loop{rank}.pt"))
+    except Exception as exc:
+        with open(os.path.join(out, f"error{rank}.txt"), "w") as f:
+            f.write(f"{type(exc).__name__}: {exc}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

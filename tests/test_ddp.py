@@ -118,3 +118,47 @@ def test_kill_and_resume_under_two_processes(catalogue, tmp_path):
             assert torch.equal(full[r]["model"][n], resumed[r]["model"][n]), n
         for n in full[r]["masks"]:
             assert torch.equal(full[r]["masks"][n], resumed[r]["masks"][n]), n
+
+
+def test_users_ddp_loop_with_a_sparsifier_keeps_ranks_in_sync_and_sam_local(tmp_path):
+    """A user's own DDP loop: masks and weights equal on both ranks after 3 RigL updates, and
+    SAM's first-step ε on each rank is computed from that rank's own gradient."""
+    ctx = mp.get_context("spawn")
+    port = _port()
+    procs = [ctx.Process(target=ddp_worker.run_loop, args=(r, 2, port, str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    errors = [f.read_text() for f in tmp_path.glob("error*.txt")]
+    assert not errors, errors
+    a, b = (torch.load(tmp_path / f"loop{r}.pt", weights_only=False) for r in range(2))
+    assert a["step"] == b["step"] == 6
+    for n in a["masks"]:
+        assert torch.equal(a["masks"][n], b["masks"][n]), n
+    for n in a["model"]:
+        assert torch.equal(a["model"][n], b["model"][n]), n
+    # ε of the first step, recomputed in one process from each rank's own half-batch gradient
+    from sparsefw.masks import MaskSet
+    from sparsefw_plugins.perturb.sam import ascent
+
+    def first_eps(batches):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(),
+                                    torch.nn.Linear(32, 4))
+        model.load_state_dict(a["init"]["model"])
+        masks = MaskSet({n: p for n, p in model.named_parameters() if n in a["init"]["masks"]})
+        for n, m in a["init"]["masks"].items():
+            masks.update(n, m)
+        x = torch.cat([bx for bx, _ in batches])
+        y = torch.cat([by for _, by in batches])
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        named = dict(model.named_parameters())
+        return ascent({n: p.grad for n, p in named.items()}, named, masks, 0.05)
+
+    for saved in (a, b):
+        local = first_eps([saved["batches"][0]])
+        for n, e in saved["eps"][0].items():
+            torch.testing.assert_close(e, local[n], rtol=1e-5, atol=1e-7)
+    averaged = first_eps([a["batches"][0], b["batches"][0]])  # what an all-reduce would give
+    assert not torch.allclose(a["eps"][0]["0.weight"], averaged["0.weight"])
