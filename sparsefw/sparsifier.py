@@ -56,6 +56,7 @@ NEEDS = {
     "batch": "the step's batch: call sparsifier.step(..., batch=(inputs, targets))",
     "inputs": "to replace the step's inputs, which only the Trainer can do",
     "train_batches": "training batches outside the step: pass Sparsifier(..., batches=...)",
+    "dense_momentum": "the dense gradient momentum (kept by the lifecycle for it)",
 }
 _AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -255,6 +256,11 @@ class Sparsifier:
             self._refuse("train_batches")
         if "inputs" in self.needs and front_door != "trainer":
             self._refuse("inputs")
+
+        #: β of the dense gradient momentum the lifecycle keeps when a component needs it
+        self.dense_momentum_beta = max(
+            (float(getattr(c.instance, "dense_momentum_beta", 0.9)) for c in self.plugins.components
+             if c.key in self.needs.get("dense_momentum", ())), default=None)
 
         generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         steps_per_epoch = int(steps_per_epoch) if steps_per_epoch else None
@@ -569,10 +575,28 @@ class Sparsifier:
             st.loss = loss
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        if self.dense_momentum_beta is not None:
+            self._update_dense_momentum()
         if self.topology_phase == "after_backward" and self.topology_due():
             self._skip_optimizer = self.update_topology() or self._skip_optimizer
         self.plugins.hook.sparsefw_gradient_correct(state=st)
         self.masks.mask_grads_()
+
+    @torch.no_grad()
+    def _update_dense_momentum(self) -> None:
+        """``m ← β·m + g`` over every masked parameter with the *dense* gradient (pruned
+        entries included, before the hard masks zero them): ``state.dense_momentum``, what
+        momentum-based growth (SNFS) reads; the optimizer's own momentum is zero at pruned
+        entries. Kept only when a component declares ``needs = ("dense_momentum",)``."""
+        st = self.state
+        if st.dense_momentum is None:
+            st.dense_momentum = {n: torch.zeros_like(p) for n, p in self.masks.params.items()}
+        pairs = [(st.dense_momentum[n], p.grad) for n, p in self.masks.params.items()
+                 if p.grad is not None]
+        if pairs:
+            bufs, grads = (list(t) for t in zip(*pairs, strict=True))
+            torch._foreach_mul_(bufs, self.dense_momentum_beta)
+            torch._foreach_add_(bufs, grads)
 
     def optimizer_step(self) -> None:
         """``optimizer.step()`` (through the GradScaler when one was given), unless a topology
@@ -671,7 +695,18 @@ class Sparsifier:
             "generator": st.generator.get_state(),
             "passes": dict(st.passes),
             "pending": pending,
+            **self.lifecycle_state(),
         }
+
+    def lifecycle_state(self) -> dict[str, Any]:
+        """What the lifecycle itself keeps for components (the dense gradient momentum)."""
+        dm = self.state.dense_momentum
+        return {"dense_momentum": None if dm is None else {n: t.clone() for n, t in dm.items()}}
+
+    def load_lifecycle_state(self, sd: Mapping[str, Any]) -> None:
+        dm = sd.get("dense_momentum")
+        self.state.dense_momentum = None if dm is None else {
+            n: t.to(self.masks.params[n].device).clone() for n, t in dm.items()}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (after the model and optimizer)."""
@@ -686,6 +721,7 @@ class Sparsifier:
             self.masks.decay = float(st.values[MASK_DECAY])
         st.passes.update(sd["passes"])
         st.generator.set_state(sd["generator"])
+        self.load_lifecycle_state(sd)
         self.plugins.load_states(st, sd["plugins"])
         pending = sd.get("pending")
         if pending:

@@ -103,6 +103,10 @@ class TrainState:
     train_batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]] | None = None
     #: inputs that replace the step's batch inputs (adversarial training), set by the lifecycle
     inputs: torch.Tensor | None = None
+    #: per masked parameter, the momentum ``m ← β·m + g`` of the *dense* gradient (pruned
+    #: entries included), kept by the lifecycle only for components that declare
+    #: ``needs = ("dense_momentum",)`` (β: their ``dense_momentum_beta``); ``None`` otherwise
+    dense_momentum: dict[str, torch.Tensor] | None = None
     #: this process's place in a multi-process job (:class:`sparsefw.engine.distributed.DistContext`)
     dist: Any = None
     #: counts of forward and backward passes in this run (for tests and cost accounting)

@@ -284,6 +284,38 @@ class DropGrow:
         self.load_extra_state(plugin_state)
 
 
+def reallocate(freed: int, surviving: list[float], room: list[int]) -> list[int]:
+    """Split ``freed`` parameters over layers in proportion to ``surviving`` (counts, or any
+    non-negative weights), never more than a layer's ``room``; largest remainders (then the
+    earlier layer) take the rounding leftovers (DSR, SNFS).
+
+    Returns per-layer grow counts summing to ``min(freed, Σ room)``."""
+    share = [0] * len(surviving)
+    left = min(freed, sum(room))
+    open_ = [i for i in range(len(surviving)) if room[i] > 0]
+    while left > 0 and open_:
+        weights = [surviving[i] for i in open_]
+        total = sum(weights)
+        if total == 0:  # nothing survives anywhere: split evenly
+            weights, total = [1] * len(open_), len(open_)
+        exact = [left * w / total for w in weights]
+        give = [min(int(e), room[i] - share[i]) for e, i in zip(exact, open_, strict=True)]
+        rest = left - sum(give)
+        # leftovers by largest remainder among layers with room
+        order = sorted(range(len(open_)), key=lambda j: (-(exact[j] - int(exact[j])), j))
+        for j in order:
+            if rest == 0:
+                break
+            if share[open_[j]] + give[j] < room[open_[j]]:
+                give[j] += 1
+                rest -= 1
+        for j, i in enumerate(open_):
+            share[i] += give[j]
+        left = rest
+        open_ = [i for i in open_ if share[i] < room[i]]
+    return share
+
+
 # ------------------------------------------------------------------------------ score helpers
 def grad_abs(state, names: list[str]) -> list[torch.Tensor]:
     """``|∇L|`` per layer (zeros where a parameter has no gradient)."""
@@ -306,5 +338,5 @@ def random_scores(state, names: list[str]) -> list[torch.Tensor]:
 
 __all__ = [
     "DECAYS", "DropGrow", "DropGrowConfig", "cosine_fraction", "counts", "grad_abs",
-    "random_scores", "select_per_segment",
+    "random_scores", "reallocate", "select_per_segment",
 ]

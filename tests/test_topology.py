@@ -15,8 +15,8 @@ from torch import nn
 from sparsefw import config as config_mod
 from sparsefw.masks import MaskSet
 from sparsefw.plugins import build_run
-from sparsefw.topology import cosine_fraction, select_per_segment
-from sparsefw_plugins.topology.dsr import DSR, DSRConfig, reallocate
+from sparsefw.topology import cosine_fraction, reallocate, select_per_segment
+from sparsefw_plugins.topology.dsr import DSR, DSRConfig
 from sparsefw_plugins.topology.granet import GraNet, GraNetConfig, cubic_density
 from sparsefw_plugins.topology.itop import ITOP, ITOPConfig
 from sparsefw_plugins.topology.mest import MEST, MESTConfig, mutation_ratio

@@ -26,7 +26,14 @@ import torch
 
 from sparsefw.config import in_range
 from sparsefw.hookspecs import hookimpl
-from sparsefw.topology import DropGrow, DropGrowConfig, counts, random_scores, select_per_segment
+from sparsefw.topology import (
+    DropGrow,
+    DropGrowConfig,
+    counts,
+    random_scores,
+    reallocate,
+    select_per_segment,
+)
 
 
 @attrs.frozen
@@ -37,37 +44,6 @@ class DSRConfig(DropGrowConfig):
     initial_threshold: float = attrs.field(default=0.001, validator=in_range(0))
     target_fraction: float = attrs.field(default=0.01, validator=in_range(0, 1))
     tolerance: float = attrs.field(default=0.1, validator=in_range(0, 1, lo_open=False))
-
-
-def reallocate(freed: int, surviving: list[int], room: list[int]) -> list[int]:
-    """Split ``freed`` parameters over layers in proportion to ``surviving``, never more than a
-    layer's ``room``; largest remainders (then the earlier layer) take the rounding leftovers.
-
-    Returns per-layer grow counts summing to ``min(freed, Σ room)``."""
-    share = [0] * len(surviving)
-    left = min(freed, sum(room))
-    open_ = [i for i in range(len(surviving)) if room[i] > 0]
-    while left > 0 and open_:
-        weights = [surviving[i] for i in open_]
-        total = sum(weights)
-        if total == 0:  # nothing survives anywhere: split evenly
-            weights, total = [1] * len(open_), len(open_)
-        exact = [left * w / total for w in weights]
-        give = [min(int(e), room[i] - share[i]) for e, i in zip(exact, open_, strict=True)]
-        rest = left - sum(give)
-        # leftovers by largest remainder among layers with room
-        order = sorted(range(len(open_)), key=lambda j: (-(exact[j] - int(exact[j])), j))
-        for j in order:
-            if rest == 0:
-                break
-            if share[open_[j]] + give[j] < room[open_[j]]:
-                give[j] += 1
-                rest -= 1
-        for j, i in enumerate(open_):
-            share[i] += give[j]
-        left = rest
-        open_ = [i for i in open_ if share[i] < room[i]]
-    return share
 
 
 @attrs.define(eq=False)

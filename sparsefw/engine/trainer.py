@@ -244,6 +244,7 @@ class Trainer:
             "masks": self.masks.state_dict(),
             "plugins": self.plugins.states(st),
             "rng": checkpoint.rng_states(st.generator),
+            "lifecycle": self.sparsifier.lifecycle_state(),
             "acc": self._acc,
             "passes": dict(st.passes),
         }
@@ -268,6 +269,7 @@ class Trainer:
         st.passes.update(payload["passes"])
         self._acc = payload["acc"]
         checkpoint.set_rng_states(payload["rng"], st.generator)
+        self.sparsifier.load_lifecycle_state(payload.get("lifecycle", {}))
         self.plugins.load_states(st, payload["plugins"])
         self.resumed = True
 

@@ -1,0 +1,87 @@
+"""``snfs`` topology: sparse momentum (Dettmers & Zettlemoyer, "Sparse Networks from Scratch:
+Faster Training without Losing Performance", arXiv 1907.04840).
+
+Every ``every`` steps until ``end``, with ``m`` the momentum of the *dense* gradient
+(``m ← β·m + g`` over all entries, pruned ones included; the lifecycle keeps it for this
+component, ``state.dense_momentum``, since the optimizer's momentum is zero at pruned entries
+under hard masks):
+
+1. **prune** in every layer the ``floor(α_t·n_l)`` active weights of smallest magnitude ``|w|``
+   (α_t: ``drop_fraction`` = 0.5 with cosine decay to 0 at ``end``, the paper's prune rate);
+2. **redistribute**: the K freed weights go to the layers in proportion to each layer's mean
+   momentum magnitude over its remaining active weights, ``c_l = mean_{active} |m|`` (largest-
+   remainder rounding, never more than a layer's free entries; :func:`sparsefw.topology.
+   reallocate`);
+3. **grow** each layer's share at the inactive entries of largest ``|m|``.
+
+The global number of active weights is kept; per-layer counts move toward the layers whose
+momentum is largest. One host sync per update (the counts and contributions). Grown weights
+start at zero with zero optimizer state, as in every drop-and-grow component here.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from sparsefw.config import in_range
+from sparsefw.hookspecs import hookimpl
+from sparsefw.topology import DropGrow, DropGrowConfig, counts, reallocate, select_per_segment
+
+
+@attrs.frozen
+class SNFSConfig(DropGrowConfig):
+    """SNFS's options: the prune rate α (``drop_fraction``, 0.5 with cosine decay) and the
+    dense momentum's β (``momentum``, the paper's 0.9)."""
+
+    drop_fraction: float = attrs.field(default=0.5, validator=in_range(0, 1, lo_open=False))
+    momentum: float = attrs.field(default=0.9, validator=in_range(0, 1, lo_open=False,
+                                                                  hi_open=True))
+
+
+@attrs.define(eq=False)
+class SNFS(DropGrow):
+    """Magnitude pruning, redistribution by mean momentum, growth by momentum."""
+
+    #: the lifecycle keeps the dense gradient momentum for this component
+    needs = ("dense_momentum",)
+    #: keeps the total over all layers, not each layer's count (weights move between layers)
+    contract_hints = {"keeps_counts": False}
+
+    @property
+    def dense_momentum_beta(self) -> float:
+        return self.cfg.momentum
+
+    def _momentum(self, state, names: list[str]) -> list[torch.Tensor]:
+        dm = state.dense_momentum or {}
+        return [dm[n].abs() if n in dm else torch.zeros_like(state.masks.params[n])
+                for n in names]
+
+    def grow_scores(self, state, names):
+        return self._momentum(state, names)
+
+    def new_masks(self, state, names, masks):
+        k_drop = self.drop_counts(state, counts(masks))
+        dropped = select_per_segment(self.drop_scores(state, names), masks, k_drop,
+                                     largest=False)
+        after = [m & ~d for m, d in zip(masks, dropped, strict=True)]
+        momentum = self._momentum(state, names)
+        mean = torch.stack([(mo * a).sum() / a.sum().clamp(min=1)
+                            for mo, a in zip(momentum, after, strict=True)])
+        # the update's one host sync: dropped and surviving counts, mean momenta
+        k_l, r_l = torch.stack([k_drop, counts(after)]).tolist()
+        contribution = mean.double().tolist()
+        if self.cfg.regrow_dropped:
+            cand = [~a for a in after]
+            room = [m.numel() - r for m, r in zip(masks, r_l, strict=True)]
+        else:
+            cand = [~m for m in masks]
+            room = [m.numel() - r - k for m, r, k in zip(masks, r_l, k_l, strict=True)]
+        share = reallocate(sum(k_l), contribution, room)
+        grown = select_per_segment(momentum, cand, share, largest=True)
+        return [a | g for a, g in zip(after, grown, strict=True)]
+
+
+@hookimpl
+def sparsefw_register(registry):
+    registry.add("topology_update", "snfs", config=SNFSConfig, factory=SNFS)
