@@ -383,8 +383,12 @@ def _structure_selected(
         return None
     try:
         entry = registry.get(slot, name)
-    except (KeyError, TypeError):
-        problems.append(f"{where} name: unknown {slot} {name!r}; choices: {choices}")
+    except (KeyError, TypeError) as exc:
+        known = isinstance(exc, KeyError) and isinstance(name, str) and (
+            (slot, name) in getattr(registry, "clashes", {})
+            or (slot, name) in getattr(registry, "rejected", {}))
+        problems.append(f"{where} name: {exc.args[0]}" if known
+                        else f"{where} name: unknown {slot} {name!r}; choices: {choices}")
         return None
     options = _structure_section(raw, entry.config, where, problems)
     return None if options is None else Selected(name, options)

@@ -4,6 +4,8 @@ Environment switches:
 
 * ``SPARSEFW_DISABLE_PLUGIN_AUTOLOAD=1`` — load no entry points (built-ins only);
 * ``SPARSEFW_PLUGINS=a,b`` — load only these entry points (by entry-point name);
+* ``SPARSEFW_DISABLE=a,b`` — load none of these plugins: entry-point names, distribution names
+  or built-in module names (``sparsefw_plugins.perturb.sam``), like pytest's ``-p no:NAME``;
 * ``SPARSEFW_STRICT_PLUGINS=1`` — a plugin that fails to load raises instead of warning;
 * ``SPARSEFW_TRACE=1`` — print every hook call of the run manager to stderr.
 """
@@ -23,10 +25,12 @@ import pluggy
 
 from sparsefw import hookspecs
 from sparsefw.config import ConfigError, RunConfig, Selected
-from sparsefw.registry import DuplicateNameError, EmptyConfig, Registry
+from sparsefw.registry import EmptyConfig, PluginLoadWarning, Registry
 from sparsefw.state import UpdateInterval
 
 ENTRY_POINT_GROUP = "sparsefw"
+__all__ = ["Catalogue", "PluginLoadError", "PluginLoadWarning", "RunPlugins", "build_run",
+           "load_catalogue", "new_manager"]
 
 def builtin_modules() -> tuple[str, ...]:
     """Built-in plugin modules in registration order: the data and model registries, then each
@@ -41,10 +45,6 @@ def builtin_modules() -> tuple[str, ...]:
 
 #: Hooks whose answer is a single value: at most one provider per run.
 SINGLE_ANSWER_HOOKS = ("sparsefw_mask_init", "sparsefw_topology_update")
-
-
-class PluginLoadWarning(UserWarning):
-    """A third-party plugin could not be loaded; the run goes on without it."""
 
 
 class PluginLoadError(RuntimeError):
@@ -101,17 +101,19 @@ def load_catalogue(
     ``strict`` (then :class:`PluginLoadError`). Duplicate component names always raise.
     """
     autoload = not _flag("SPARSEFW_DISABLE_PLUGIN_AUTOLOAD") if autoload is None else autoload
+    disabled = {s.strip() for s in os.environ.get("SPARSEFW_DISABLE", "").split(",") if s.strip()}
     strict = _flag("SPARSEFW_STRICT_PLUGINS") if strict is None else strict
     if only is None and os.environ.get("SPARSEFW_PLUGINS"):
         only = [s.strip() for s in os.environ["SPARSEFW_PLUGINS"].split(",") if s.strip()]
     pm = new_manager()
-    cat = Catalogue(pm=pm, registry=Registry(), sources={})
+    cat = Catalogue(pm=pm, registry=Registry(strict=strict), sources={})
     version = _sparsefw_version()
 
     def fail(what: str, exc: BaseException) -> None:
-        msg = f"sparsefw: plugin {what} failed to load and is skipped: {exc!r}"
         if strict:
-            raise PluginLoadError(msg) from exc
+            raise PluginLoadError(f"sparsefw: plugin {what} failed to load (strict mode): "
+                                  f"{exc!r}") from exc
+        msg = f"sparsefw: plugin {what} failed to load and is skipped: {exc!r}"
         cat.failures.append(msg)
         warnings.warn(msg, PluginLoadWarning, stacklevel=3)
 
@@ -127,6 +129,8 @@ def load_catalogue(
         cat.sources[name] = (dist, ver)
 
     for modname in builtin_modules():
+        if modname in disabled:
+            continue
         add(modname, importlib.import_module(modname), "sparsefw", version, modname)
     for name, plugin in extra:
         add(name, plugin, getattr(plugin, "__name__", name), "", name)
@@ -135,6 +139,8 @@ def load_catalogue(
             if only is not None and ep.name not in only:
                 continue
             dist = ep.dist.name if ep.dist else "?"
+            if ep.name in disabled or dist in disabled:
+                continue
             ver = ep.dist.version if ep.dist else "?"
             what = f"{ep.name!r} ({ep.value}) from distribution {dist} {ver}"
             try:
@@ -146,15 +152,17 @@ def load_catalogue(
 
     for impl in pm.hook.sparsefw_register.get_hookimpls():
         dist, ver = cat.sources[impl.plugin_name]
-        cat.registry.source = f"{dist} ({impl.plugin_name})" if dist != "sparsefw" else "sparsefw"
-        cat.registry.version = ver
-        before = dict(cat.registry.entries)
+        reg = cat.registry
+        reg.source = f"{dist} ({impl.plugin_name})" if dist != "sparsefw" else "sparsefw"
+        reg.version = ver
+        reg.distribution = dist
+        before = (dict(reg.entries), dict(reg.qualified), dict(reg.clashes), dict(reg.rejected))
         try:
-            impl.function(registry=cat.registry)
+            impl.function(registry=reg)
         except Exception as exc:
-            if isinstance(exc, DuplicateNameError) or dist == "sparsefw":
+            if dist == "sparsefw":
                 raise
-            cat.registry.entries = before
+            reg.entries, reg.qualified, reg.clashes, reg.rejected = before
             pm.unregister(name=impl.plugin_name)
             cat.sources.pop(impl.plugin_name, None)
             fail(f"{impl.plugin_name!r} from distribution {f'{dist} {ver}'.strip()}", exc)
@@ -251,7 +259,8 @@ def build_run(cfg: RunConfig, catalogue: Catalogue, *, observers: bool = True) -
             pm.register(comp.instance, name=comp.key)
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise ConfigError([f"component {exc.plugin_name}: {exc}"]) from exc
+        name = pm.get_name(exc.plugin) if exc.plugin is not None else "?"
+        raise ConfigError([f"component {name}: {exc}"]) from exc
     problems = []
     for hook in SINGLE_ANSWER_HOOKS:
         keys = [i.plugin_name for i in getattr(pm.hook, hook).get_hookimpls()]

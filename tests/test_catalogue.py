@@ -65,6 +65,10 @@ class Cos:
     """Another cosine."""
     cfg: object = None
 
+    @hookimpl
+    def sparsefw_schedule(self, state):
+        return {"other_cosine": 0.5}
+
 @hookimpl
 def sparsefw_register(registry):
     registry.add("schedule", "cosine", factory=Cos)
@@ -179,13 +183,42 @@ def test_only_named_plugins(fakedist, monkeypatch):
     assert len(warned) == 1 and "fake_ramp" not in cat.registry.names("schedule")
 
 
-def test_duplicate_name_names_both_sources(fakedist):
-    names = fakedist("fake_dup")
-    with pytest.raises(DuplicateNameError) as info:
-        load_catalogue(autoload=True, only=names)
-    text = str(info.value)
-    assert "'cosine'" in text
-    assert "sparsefw_plugins.schedule.basic" in text and "fakedist (fake_dup)" in text
+def test_a_name_clash_breaks_nothing_until_the_bare_name_is_selected(fakedist, tmp_path):
+    names = fakedist("fake_dup", "fake_good")
+    cat, warned = load_quietly(autoload=True, only=names)
+    (w,) = warned  # one warning, naming both sources and the qualified names
+    text = str(w.message)
+    assert "'cosine'" in text and "sparsefw_plugins.schedule.basic" in text
+    assert "fakedist (fake_dup)" in text and "'fakedist:cosine'" in text
+    assert "fake_ramp" in cat.registry.names("schedule")  # the rest of the plugin set loads
+    # a config that does not use the name trains as before
+    raw = config.read_toml("configs/quickstart.toml")
+    raw = config.merge_tables(raw, {"train": {"epochs": 1, "max_steps": 2},
+                                    "logging": {"observers": ["jsonl"]}})
+    cfg = config.structure(raw, cat.registry, source="quickstart.toml")
+    Trainer(cfg, cat, run_dir=tmp_path / "run").fit()
+    # selecting the bare name is a clear error; the qualified names select either
+    with pytest.raises(config.ConfigError) as err:
+        config.structure({"schedule": [{"name": "cosine"}]}, cat.registry, source="c.toml")
+    msg = str(err.value)
+    assert "registered by several plugins" in msg and "'sparsefw:cosine'" in msg
+    assert "'fakedist:cosine'" in msg
+    ours = config.structure({"schedule": [{"name": "sparsefw:cosine"}]}, cat.registry)
+    theirs = config.structure({"schedule": [{"name": "fakedist:cosine"}]}, cat.registry)
+    assert cat.registry.get("schedule", ours.schedule[0].name).source == "sparsefw"
+    assert cat.registry.get("schedule", theirs.schedule[0].name).source.startswith("fakedist")
+
+
+def test_sparsefw_disable_leaves_plugins_out(fakedist, monkeypatch):
+    names = fakedist("fake_dup", "fake_good")
+    monkeypatch.setenv("SPARSEFW_DISABLE", "fake_dup,sparsefw_plugins.perturb.sam")
+    cat, warned = load_quietly(autoload=True, only=names)
+    assert warned == []
+    assert "sam" not in cat.registry.names("perturb")
+    assert cat.registry.get("schedule", "cosine").source == "sparsefw"
+    monkeypatch.setenv("SPARSEFW_DISABLE", "fakedist")
+    cat, _ = load_quietly(autoload=True, only=names)
+    assert "fake_ramp" not in cat.registry.names("schedule")
 
 
 def test_misspelled_hook_is_caught_and_warned(fakedist):
@@ -205,6 +238,14 @@ def test_registry_rejects_duplicates_and_bad_slots():
         """First line."""
 
         cfg: object
+
+        @hookimpl
+        def sparsefw_schedule(self, state):
+            return {}
+
+        @hookimpl
+        def sparsefw_perturb(self, state):
+            return None
 
     reg.add("schedule", "a", factory=A)
     assert reg.get("schedule", "a").summary == "First line."
@@ -354,9 +395,57 @@ def test_misspelled_component_hook_is_caught_at_registration():
     cat, warned = load_quietly(autoload=False, extra=[("typos", TypoPlugin())])
     (w,) = warned
     assert "sparsefw_gradient_corect (did you mean sparsefw_gradient_correct?)" in str(w.message)
-    assert "'typos'" in str(w.message)
-    # the whole plugin is skipped, including its valid components
+    assert "plugin typos" in str(w.message)
+    # the component is rejected, the plugin's valid components load
     assert "typo" not in cat.registry.names("gradient_correct")
-    assert "fine" not in cat.registry.names("perturb")
-    with pytest.raises(PluginLoadError, match="unknown hooks"):
+    assert "fine" in cat.registry.names("perturb")
+    # a config that selects it is told why
+    with pytest.raises(config.ConfigError, match=r"did you mean sparsefw_gradient_correct\?\).*"
+                                                 r"rejected when registered"):
+        config.structure({"gradient_correct": [{"name": "typo"}]}, cat.registry)
+    with pytest.raises(PluginLoadError, match="unknown hook"):
         load_catalogue(autoload=False, extra=[("typos", TypoPlugin())], strict=True)
+
+
+@attrs.define(eq=False)
+class WrongArgument:
+    """A topology rule whose hook takes an argument the hook does not pass."""
+
+    cfg: object
+
+    @hookimpl
+    def sparsefw_topology_update(self, train_state):
+        return None
+
+
+@attrs.define(eq=False)
+class NoHookimpl:
+    """A correction whose method lacks @hookimpl: it would never run."""
+
+    cfg: object
+
+    def sparsefw_gradient_correct(self, state):
+        pass
+
+
+class MistakesPlugin:
+    @hookimpl
+    def sparsefw_register(self, registry):
+        from sparsefw.state import UpdateInterval
+
+        registry.add("topology_update", "wrong_arg", config=UpdateInterval, factory=WrongArgument)
+        registry.add("gradient_correct", "no_hookimpl", factory=NoHookimpl)
+
+
+def test_hook_arguments_and_missing_hookimpl_are_rejected_at_registration():
+    cat, warned = load_quietly(autoload=False, extra=[("mistakes", MistakesPlugin())])
+    text = " ".join(str(w.message) for w in warned)
+    assert "takes 'train_state', which hook sparsefw_topology_update does not have" in text
+    assert "sparsefw_gradient_correct is defined but not marked @hookimpl" in text
+    with pytest.raises(config.ConfigError) as err:
+        config.structure({"topology_update": {"name": "wrong_arg"},
+                          "gradient_correct": [{"name": "no_hookimpl"}]}, cat.registry,
+                         source="mine.toml")
+    msg = str(err.value)
+    assert "mine.toml: [topology_update] name:" in msg and "'train_state'" in msg
+    assert "not marked @hookimpl" in msg

@@ -85,7 +85,8 @@ from sparsefw.config import (
 )
 from sparsefw.masks import MaskSet, sparsifiable_params, topk_mask
 from sparsefw.plugins import new_manager
-from sparsefw.registry import COMPONENT_SLOTS, EmptyConfig, Entry, Registry
+from sparsefw.registry import COMPONENT_SLOTS, EmptyConfig, Entry, Registry, hook_problems
+from sparsefw.registry import SLOT_HOOKS as REGISTRY_SLOT_HOOKS
 from sparsefw.state import Perturbation, TopologyChange, TrainState, UpdateInterval
 
 __all__ = [
@@ -114,16 +115,10 @@ __all__ = [
     "make_state",
 ]
 
-#: the hook a component of each slot must implement (observers: any observer hook)
-SLOT_HOOKS = {
-    "mask_init": "sparsefw_mask_init",
-    "topology_update": "sparsefw_topology_update",
-    "gradient_correct": "sparsefw_gradient_correct",
-    "perturb": "sparsefw_perturb",
-    "schedule": "sparsefw_schedule",
-}
-OBSERVER_HOOKS = ("sparsefw_run_start", "sparsefw_step_end", "sparsefw_eval_end",
-                  "sparsefw_run_end")
+#: the hook a component of each slot must implement, and the hooks an observer may implement
+#: (one definition: :data:`sparsefw.registry.SLOT_HOOKS`)
+SLOT_HOOKS = {s: hooks[0] for s, hooks in REGISTRY_SLOT_HOOKS.items() if s != "observer"}
+OBSERVER_HOOKS = REGISTRY_SLOT_HOOKS["observer"]
 
 #: ranges of well-known schedule values: name -> (low, high), both inclusive (None: unbounded)
 KNOWN_RANGES: dict[str, tuple[float | None, float | None]] = {
@@ -480,19 +475,46 @@ def check_config(entry: Entry, config: Any = None, *, h: Hints) -> None:
 @_contract_check
 def check_registration(entry: Entry, config: Any = None, *, h: Hints) -> None:
     """The component builds from its config, its hooks match the specifications (no misspelled
-    hook, no unknown argument) and it implements its slot's hook."""
+    hook, no unknown argument), it implements its slot's hook (as an ``@hookimpl`` method), and
+    its name clashes with no component of another source in the installed catalogue."""
+    problems = hook_problems(entry.factory, entry.slot)
+    if problems:
+        raise _fail(entry, "registration", "; ".join(problems))
     instance = _build(entry, _config(entry, config, h), "registration")
     pm = _manager(entry, instance, "registration")
     if entry.slot == "observer":
         if not any(_implements(pm, hook) for hook in OBSERVER_HOOKS):
             raise _fail(entry, "registration", f"an observer implements none of "
                                                f"{', '.join(OBSERVER_HOOKS)}")
-        return
-    hook = SLOT_HOOKS.get(entry.slot)
-    if hook is not None and not _implements(pm, hook):
-        found = sorted(n for n in dir(instance) if n.startswith("sparsefw_"))
-        raise _fail(entry, "registration", f"a {entry.slot} component must implement {hook} "
-                                           f"(as an @hookimpl method); found {found or 'none'}")
+    else:
+        hook = SLOT_HOOKS.get(entry.slot)
+        if hook is not None and not _implements(pm, hook):
+            raise _fail(entry, "registration", f"a {entry.slot} component must implement {hook} "
+                                               "as an @hookimpl method")
+    _check_name_against_catalogue(entry)
+
+
+def _check_name_against_catalogue(entry: Entry) -> None:
+    """The installed catalogue (built-ins and entry points) has no component of this slot and
+    name from another source: such a clash makes every config that selects the bare name fail."""
+    import warnings
+
+    from sparsefw.plugins import load_catalogue
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        installed = load_catalogue()
+    reg = installed.registry
+    key = (entry.slot, entry.name)
+    others = [e for (slot, q), e in reg.qualified.items()
+              if slot == entry.slot and q.split(":", 1)[1] == entry.name
+              and e.factory is not entry.factory]
+    if others or (key in reg.entries and reg.entries[key].factory is not entry.factory):
+        first = others[0] if others else reg.entries[key]
+        raise _fail(entry, "registration",
+                    f"the name {entry.name!r} is already used for a {entry.slot} component by "
+                    f"{first.source} ({first.module}); configs selecting {entry.name!r} would "
+                    "fail with a name clash: choose another name")
 
 
 @_contract_check
