@@ -51,8 +51,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_plugins(args) -> int:
-    catalogue = load_catalogue()
-    for slot, entries in catalogue.registry.by_slot().items():
+    import warnings
+
+    from sparsefw.registry import PluginLoadWarning
+
+    with warnings.catch_warnings():  # reported once, below
+        warnings.simplefilter("ignore", PluginLoadWarning)
+        catalogue = load_catalogue()
+    reg = catalogue.registry
+    if args.name:
+        return _describe_component(reg, args.name)
+    for slot, entries in reg.by_slot().items():
         if not entries:
             continue
         print(f"{slot}:")
@@ -60,9 +69,46 @@ def cmd_plugins(args) -> int:
         for e in entries:
             src = f"{e.source} {e.version}".strip()
             print(f"  {e.name:<{width}}  [{src}]  {e.summary}")
-    for failure in catalogue.failures:
-        print(f"warning: {failure}", file=sys.stderr)
-    return 0
+    for (slot, name), sources in sorted(reg.clashes.items()):
+        print(f"warning: {slot} {name!r} is registered by several plugins ({'; '.join(sources)});"
+              f" select it by a qualified name", file=sys.stderr)
+    problems = [*catalogue.failures, *(f"sparsefw: rejected {why}" for why in
+                                       reg.rejected.values())]
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _describe_component(reg, name: str) -> int:
+    """``sparsefw plugins NAME``: every component called NAME (or ``dist:NAME``), with its
+    source, documentation and options table."""
+    import inspect
+
+    from sparsefw.docs_tool import options_table
+
+    found = [e for (slot, n), e in sorted(reg.entries.items()) if n == name]
+    found += [e for (slot, q), e in sorted(reg.qualified.items())
+              if q == name and e not in found]
+    rejected = [why for (slot, n), why in reg.rejected.items() if n == name]
+    for why in rejected:
+        print(f"error: rejected {why}", file=sys.stderr)
+    if not found:
+        if not rejected:
+            names = sorted({n for (_, n) in reg.entries})
+            print(f"sparsefw: no component named {name!r}; components: {', '.join(names)}",
+                  file=sys.stderr)
+        return 1
+    for e in found:
+        print(f"{e.slot} {e.name}  [{e.source} {e.version}]".rstrip("] ") + "]")
+        print(f"  {e.module}.{getattr(e.factory, '__qualname__', e.factory)}")
+        module_doc = inspect.getdoc(sys.modules.get(e.module)) or ""
+        doc = module_doc or inspect.getdoc(e.factory) or e.summary
+        print()
+        print("\n".join(f"  {line}" if line else "" for line in doc.splitlines()))
+        print()
+        print(options_table(e.config))
+        print()
+    return 1 if rejected else 0
 
 
 def cmd_describe(args) -> int:
@@ -78,6 +124,9 @@ def cmd_describe(args) -> int:
     print("\n# call plan (hook: components in call order)")
     for hook, keys in run.call_plan().items():
         print(f"  {hook:<28} {', '.join(keys) if keys else '-'}")
+    print("\n# schedule values (value: produced by -> read by)")
+    for line in run.value_flow():
+        print(f"  {line}")
     return 0
 
 
@@ -96,7 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="write the run here instead of out_dir/<name>-<time>")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("plugins", help="list every component by slot with its source")
+    p = sub.add_parser("plugins", help="list every component by slot with its source; with "
+                                       "NAME, that component's documentation and options")
+    p.add_argument("name", nargs="?", metavar="NAME",
+                   help="a component name (or distribution:name)")
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("describe", help="show the resolved config and the hook call plan")
@@ -120,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"sparsefw: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from sparsefw.plugin_checks import PluginCheckError
+
+        if not isinstance(e, PluginCheckError):
+            raise
+        print(f"sparsefw: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -143,6 +143,15 @@ class SparsityConfig:
 
 
 @attrs.frozen
+class DebugConfig:
+    """``[debug]``: checks for plugin authors, off by default."""
+
+    #: check the hook contract's cheap invariants during training and stop with the
+    #: contract's message naming the component (also ``SPARSEFW_CHECK=1``); costs time
+    check_plugins: bool = False
+
+
+@attrs.frozen
 class LoggingConfig:
     """``[logging]``: which observer components run."""
 
@@ -174,6 +183,7 @@ class RunConfig:
     perturb: tuple[Selected, ...] = ()
     schedule: tuple[Selected, ...] = ()
     logging: LoggingConfig = LoggingConfig()
+    debug: DebugConfig = DebugConfig()
 
 
 #: plain sections and their classes
@@ -183,6 +193,7 @@ PLAIN_SECTIONS = {
     "lr_schedule": LRScheduleConfig,
     "sparsity": SparsityConfig,
     "logging": LoggingConfig,
+    "debug": DebugConfig,
 }
 #: component sections: section -> (registry slot, many?)
 COMPONENT_SECTIONS = {

@@ -205,6 +205,25 @@ class RunPlugins:
             plan[name] = [i.plugin_name for i in reversed(impls)]
         return plan
 
+    def value_flow(self) -> list[str]:
+        """``"name: producer -> readers"`` per schedule value, from the components'
+        declarations (``produces_values``, ``reads_values``); the lifecycle reads
+        ``mask_decay`` itself."""
+        produced: dict[str, list[str]] = {}
+        read: dict[str, list[str]] = {"mask_decay": ["the lifecycle (forward masks' β)"]}
+        for comp in self.components:
+            for name in getattr(comp.instance, "produces_values", ()):
+                produced.setdefault(name, []).append(comp.key)
+            for name in getattr(comp.instance, "reads_values", ()):
+                read.setdefault(name, []).append(comp.key)
+        lines = []
+        for name in sorted(set(produced) | {n for n, r in read.items() if r and
+                                              (n in produced or n != "mask_decay")}):
+            src = ", ".join(produced.get(name, [])) or "not scheduled (readers use their options)"
+            dst = ", ".join(read.get(name, [])) or "no component reads it"
+            lines.append(f"{name}: {src} -> {dst}")
+        return lines
+
     def states(self, state) -> dict[str, Any]:
         """Every component's ``sparsefw_state_dict`` answer, keyed by component key."""
         out = {}

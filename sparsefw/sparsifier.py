@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ __all__ = ["METHOD_SECTIONS", "Sparsifier", "SparsifierError", "method_config"]
 
 #: the sections of a run config that describe the method (what a Sparsifier takes)
 METHOD_SECTIONS = ("sparsity", "mask_init", "topology_update", "gradient_correct", "perturb",
-                   "schedule")
+                   "schedule", "debug")
 #: the schedule value the lifecycle reads as the forward masks' β (``MaskSet.decay``)
 MASK_DECAY = "mask_decay"
 #: when a topology component runs within a step (its class attribute ``phase``)
@@ -185,6 +186,8 @@ class Sparsifier:
     (closures then call ``scaler.scale(loss).backward()``; the Sparsifier unscales and steps
     through it); ``amp`` (``"off"``, ``"bf16"``, ``"fp16"``) the autocast of the
     components' own passes. The masks are initialised at construction (``init_masks``).
+    ``check_plugins`` checks the hook contract around every hook call
+    (:mod:`sparsefw.plugin_checks`; default: ``[debug] check_plugins`` or ``SPARSEFW_CHECK=1``).
     """
 
     def __init__(
@@ -206,6 +209,7 @@ class Sparsifier:
         observers: bool = False,
         front_door: str = "loop",
         after_optimizer_step: Callable[[], dict | None] | None = None,
+        check_plugins: bool | None = None,
         **shortcuts: Any,
     ):
         if total_steps is None or int(total_steps) <= 0:
@@ -298,6 +302,14 @@ class Sparsifier:
             if hasattr(self.forward_model, "_orig_mod") or hasattr(model, "_orig_mod"):
                 hook = torch.compiler.disable(hook)  # runs eagerly before the compiled graph
             self._handles.append(self.model.register_forward_pre_hook(hook))
+        if check_plugins is None:
+            check_plugins = cfg.debug.check_plugins or os.environ.get(
+                "SPARSEFW_CHECK", "").strip().lower() in ("1", "true", "yes", "on")
+        self.checker = None
+        if check_plugins:
+            from sparsefw.plugin_checks import PluginChecker
+
+            self.checker = PluginChecker(self)
         if init_masks:
             self.init_masks()
 
@@ -433,7 +445,8 @@ class Sparsifier:
         st = self.state
         hard = self.masks.kind == "hard"
         before = {n: m.clone() for n, m in self.masks.masks.items()} if hard else {}
-        change = self.plugins.hook.sparsefw_topology_update(state=st)
+        change = (self.checker.topology_update() if self.checker is not None
+                  else self.plugins.hook.sparsefw_topology_update(state=st))
         # hard masks: dropped and grown entries restart at zero with zero optimizer state;
         # forward masks keep the dense weights as they are
         for n, old in before.items():
@@ -450,7 +463,8 @@ class Sparsifier:
     # ------------------------------------------------------------------ perturbations
     def _schedule_values(self) -> dict[str, float]:
         values: dict[str, float] = {}
-        answers = self.plugins.hook.sparsefw_schedule(state=self.state)
+        answers = (self.checker.schedule() if self.checker is not None
+                   else self.plugins.hook.sparsefw_schedule(state=self.state))
         if not self._schedule_owner and answers:  # first step: who answers which name
             impls = self.plugins.hook.sparsefw_schedule.get_hookimpls()
             owners = [i.plugin_name for i in reversed(impls)]
@@ -512,7 +526,9 @@ class Sparsifier:
                 torch._foreach_copy_(params, current)
 
     def _perturb(self) -> list[Perturbation]:
-        return [p for p in self.plugins.hook.sparsefw_perturb(state=self.state) if p is not None]
+        answers = (self.checker.perturb() if self.checker is not None
+                   else self.plugins.hook.sparsefw_perturb(state=self.state))
+        return [p for p in answers if p is not None]
 
     # ------------------------------------------------------------------ the three halves
     def epoch_start(self) -> None:
@@ -579,7 +595,10 @@ class Sparsifier:
             self._update_dense_momentum()
         if self.topology_phase == "after_backward" and self.topology_due():
             self._skip_optimizer = self.update_topology() or self._skip_optimizer
-        self.plugins.hook.sparsefw_gradient_correct(state=st)
+        if self.checker is not None:
+            self.checker.gradient_correct()
+        else:
+            self.plugins.hook.sparsefw_gradient_correct(state=st)
         self.masks.mask_grads_()
 
     @torch.no_grad()

@@ -157,6 +157,8 @@ class DropGrow:
     """
 
     cfg: DropGrowConfig
+    #: schedule values this component reads (shown by ``sparsefw describe``)
+    reads_values: ClassVar[tuple[str, ...]] = ("drop_fraction",)
     #: per layer, entries that were ever active (ITOP's exploration); filled at the first update
     explored: dict[str, torch.Tensor] = attrs.field(factory=dict)
     #: read the drop/grow counts to the host once per update and select by partial top-k

@@ -35,8 +35,6 @@ BUILTIN_HINTS: dict[tuple[str, str], dict] = {
     # SNIP and GraSP keep the top scores under one global threshold (their papers' definition)
     ("mask_init", "snip"): {"exact_counts": False},
     ("mask_init", "grasp"): {"exact_counts": False},
-    # DSR moves parameters between layers and keeps only the global count
-    ("topology_update", "dsr"): {"keeps_counts": False},
     # N:M components: forward masking, an N:M pattern instead of the density allocation
     ("mask_init", "nm"): {**NM, "exact_counts": False},
     ("topology_update", "nm"): {**NM, "keeps_counts": False, "keeps_total": False},

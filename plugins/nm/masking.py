@@ -114,6 +114,9 @@ class NMMaskInit:
 class NMTopology:
     """Recompute the N:M masks from the current weight magnitudes on the update interval."""
 
+    #: schedule values this component reads (shown by ``sparsefw describe``)
+    reads_values: ClassVar[tuple[str, ...]] = (N_VALUE, M_VALUE)
+
     #: for sparsefw.testing.contract: the first update turns the harness's random masks
     #: (ERK counts) into N:M masks, so per-layer and total counts change
     contract_hints = {"mask_kind": "forward", "density": 0.5, "keeps_counts": False,

@@ -62,6 +62,9 @@ class MaskDecay:
         if state.masks.kind != "forward":
             raise ConfigError(["schedule 'mask_decay' needs [sparsity] kind = \"forward\""])
 
+    #: the schedule value this component answers (the lifecycle reads it as β)
+    produces_values = ("mask_decay",)
+
     @hookimpl
     def sparsefw_schedule(self, state):
         return {"mask_decay": self.beta(state.step, state.total_steps)}

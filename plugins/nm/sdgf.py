@@ -57,6 +57,8 @@ class StructureDecay:
                                                     "are in tests/test_nm.py)"}}
 
     cfg: StructureDecayConfig
+    #: the schedule values this component answers (read by the ``nm`` topology)
+    produces_values = (N_VALUE, M_VALUE)
     _target: tuple[int, int] | None = None
 
     def target(self, state) -> tuple[int, int]:

@@ -55,6 +55,8 @@ class PGDTraining:
 
     cfg: PGDConfig
     _units: AttackUnits | None = None
+    #: schedule values this component reads (shown by ``sparsefw describe``)
+    reads_values: ClassVar[tuple[str, ...]] = ("pgd_eps",)
 
     def needs(self) -> tuple[str, ...]:
         """Adversarial training crafts from the step's batch and replaces its inputs."""

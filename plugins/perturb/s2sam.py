@@ -39,6 +39,8 @@ class S2SAM:
     """Single-step SAM: perturb along the previous step's gradient (1 forward + 1 backward)."""
 
     cfg: SharpnessConfig
+    #: schedule values this component reads (shown by ``sparsefw describe``)
+    reads_values = ("rho",)
     #: the previous step's gradient: references to the ``.grad`` tensors (hard masks,
     #: mask-aware) or a copy; ``None`` before the first step
     last: dict[str, torch.Tensor] | None = None

@@ -105,6 +105,8 @@ class SAM:
     """Sharpness-aware minimisation: ascend to w + ρ·g/‖g‖, take the gradient there (2 passes)."""
 
     cfg: SharpnessConfig
+    #: schedule values this component reads (shown by ``sparsefw describe``)
+    reads_values = ("rho",)
     #: the ascent gradient is a second evaluation of the step's loss: a closure is required
     needs = ("closure",)
 

@@ -56,6 +56,11 @@ class SpanSchedule:
     cfg: SpanConfig
     remaining = staticmethod(cosine_remaining)
 
+    @property
+    def produces_values(self) -> tuple[str, ...]:
+        """The schedule value this component answers (shown by ``sparsefw describe``)."""
+        return (self.cfg.value,)
+
     @hookimpl
     def sparsefw_schedule(self, state):
         c = self.cfg
@@ -68,6 +73,11 @@ class ConstantSchedule:
     """A named value that never changes."""
 
     cfg: ConstantConfig
+
+    @property
+    def produces_values(self) -> tuple[str, ...]:
+        """The schedule value this component answers (shown by ``sparsefw describe``)."""
+        return (self.cfg.value,)
 
     @hookimpl
     def sparsefw_schedule(self, state):

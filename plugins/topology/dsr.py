@@ -50,6 +50,8 @@ class DSRConfig(DropGrowConfig):
 class DSR(DropGrow):
     """Global adaptive magnitude threshold, proportional reallocation, random growth."""
 
+    #: moves weights between layers: the global count is kept, not each layer's
+    contract_hints = {"keeps_counts": False}
     threshold: float | None = None
     target: int | None = None
 

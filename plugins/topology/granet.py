@@ -57,6 +57,9 @@ def cubic_density(d_i: float, d_f: float, step: int, t0: int, t1: int) -> float:
 class GraNet(DropGrow):
     """Global cubic magnitude pruning plus per-layer drop-and-regrow by gradient."""
 
+    #: schedule values this component reads (shown by ``sparsefw describe``)
+    reads_values: ClassVar[tuple[str, ...]] = ("density", "drop_fraction")
+
     #: no count sync: the global pruning already keeps its counts on the device
     host_counts: ClassVar[bool] = False
 

@@ -69,8 +69,9 @@ class SNFS(DropGrow):
         mean = torch.stack([(mo * a).sum() / a.sum().clamp(min=1)
                             for mo, a in zip(momentum, after, strict=True)])
         # the update's one host sync: dropped and surviving counts, mean momenta
-        k_l, r_l = torch.stack([k_drop, counts(after)]).tolist()
-        contribution = mean.double().tolist()
+        k_l, r_l, contribution = torch.stack(
+            [k_drop.double(), counts(after).double(), mean.double()]).tolist()
+        k_l, r_l = [int(k) for k in k_l], [int(r) for r in r_l]
         if self.cfg.regrow_dropped:
             cand = [~a for a in after]
             room = [m.numel() - r for m, r in zip(masks, r_l, strict=True)]

@@ -399,6 +399,20 @@ def _changed_weights(state: TrainState, before: Mapping[str, torch.Tensor]) -> l
     return [n for n, w in before.items() if not torch.equal(now[n].detach(), w)]
 
 
+def perturb_moved_message(moved: list[str]) -> str:
+    """The perturb contract's rule on weights edited by the hook itself."""
+    return (f"the hook changed the weights of {moved} itself; return offsets in "
+            "Perturbation.params and let the engine apply and restore them")
+
+
+def host_sync_message(hook: str, calls: list[str], allowed: int) -> str:
+    """The rule on host synchronisation inside a hook."""
+    return (f"{hook} read tensors back to the host {len(calls)} time(s) "
+            f"({', '.join(calls[:3])}{', ...' if len(calls) > 3 else ''}); at most {allowed} "
+            f"{'is' if allowed == 1 else 'are'} allowed there. Keep values on the device "
+            "(0-d tensors in state.metrics) and read counts once per update")
+
+
 def _count(value: Any) -> int:
     return int(value.item()) if torch.is_tensor(value) else int(value)
 
@@ -692,9 +706,7 @@ def check_perturb(entry: Entry, config: Any = None, *, h: Hints) -> None:
         answers = pm.hook.sparsefw_perturb(state=state)
         moved = _changed_weights(state, before)
         if moved:
-            raise _fail(entry, check, f"the hook changed the weights of {moved} itself; return "
-                                      "offsets in Perturbation.params and let the engine apply "
-                                      "and restore them")
+            raise _fail(entry, check, perturb_moved_message(moved))
         named = dict(state.model.named_parameters())
         offsets: dict[str, torch.Tensor] = {}
         inputs = None
