@@ -256,13 +256,21 @@ def make_converter() -> cattrs.Converter:
 CONVERTER = make_converter()
 
 
+def _message(exc: BaseException) -> str:
+    """An exception's message; attrs' own validators (``attrs.validators.in_``, ...) raise
+    with the message first and the ``Attribute`` object after it, which is not shown."""
+    if len(exc.args) > 1 and isinstance(exc.args[0], str):
+        return exc.args[0]
+    return str(exc)
+
+
 def _format_exception(exc: BaseException, type_: Any) -> str:
     if isinstance(exc, ForbiddenExtraKeysError):
         valid = ", ".join(a.name for a in attrs.fields(exc.cl)) or "(none)"
         return f"unknown key {', '.join(sorted(exc.extra_fields))}; valid keys: {valid}"
     if isinstance(exc, KeyError):
         return f"required key missing{f' ({exc})' if exc.args else ''}"
-    return str(exc)
+    return _message(exc)
 
 
 def _problems(exc: ClassValidationError, where: str) -> list[str]:
@@ -284,7 +292,7 @@ def _validator_problems(obj: Any, where: str, prefix: str = "") -> list[str]:
             try:
                 a.validator(obj, a, value)
             except (ValueError, TypeError) as e:
-                msg = str(e)
+                msg = _message(e)
                 named = msg.startswith((a.name, repr(a.name)))
                 out.append(f"{where} {prefix if named else prefix + a.name + ': '}{msg}")
         if attrs.has(type(value)):
@@ -305,7 +313,7 @@ def _structure_section(raw: Any, cls: type, where: str, problems: list[str]) -> 
     except ClassValidationError as e:
         first = _problems(e, where)
     except (ValueError, TypeError) as e:
-        first = [f"{where} {e}"]
+        first = [f"{where} {_message(e)}"]
     try:
         with attrs.validators.disabled():
             found = _validator_problems(CONVERTER.structure(raw, cls), where)

@@ -1,8 +1,10 @@
-"""Documentation tool: generate the configuration reference and check the guides' code blocks.
+"""Documentation tool: generate the configuration and API references and check the guides' code
+blocks.
 
-``python -m sparsefw.docs_tool``          regenerate ``docs/configuration.md``;
-``python -m sparsefw.docs_tool --check``  fail (exit 1) if ``docs/configuration.md`` is out of
-date or any code block of the guides fails.
+``python -m sparsefw.docs_tool``          regenerate ``docs/configuration.md`` and ``docs/api.md``
+                                         (:mod:`sparsefw.api_reference`);
+``python -m sparsefw.docs_tool --check``  fail (exit 1) if either is out of date or any code
+block of the guides (or the README's example) fails.
 
 The reference is built from the attrs classes themselves: the core sections of
 :mod:`sparsefw.config` and the config class of every built-in component, model and data set
@@ -52,6 +54,7 @@ import tomllib
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
 REFERENCE = DOCS / "configuration.md"
+API_REFERENCE = DOCS / "api.md"
 NO_CHECK = "<!-- docs: no-check -->"
 #: console commands that are shown but never run by the checker
 SKIP_COMMANDS = ("pip", "python -m pip", "tensorboard", "torchrun", "cd ")
@@ -384,8 +387,9 @@ def code_blocks(path: Path) -> list[Block]:
 
 
 def guide_pages(docs: Path = DOCS) -> list[Path]:
-    """The Markdown pages whose blocks are checked (all of ``docs/`` but the generated one)."""
-    return sorted(p for p in docs.rglob("*.md") if p.resolve() != REFERENCE.resolve())
+    """The Markdown pages whose blocks are checked (all of ``docs/`` but the generated ones)."""
+    generated = {REFERENCE.resolve(), API_REFERENCE.resolve()}
+    return sorted(p for p in docs.rglob("*.md") if p.resolve() not in generated)
 
 
 _CHECK_CATALOGUE = None
@@ -519,16 +523,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("pages", nargs="*", type=Path,
                         help="pages to check (default: every page of docs/)")
     args = parser.parse_args(argv)
-    text = generate_reference()
+    from sparsefw import api_reference
+
+    generated = {REFERENCE: generate_reference(), API_REFERENCE: api_reference.generate()}
     if not args.check:
-        REFERENCE.parent.mkdir(parents=True, exist_ok=True)
-        REFERENCE.write_text(text)
-        print(f"wrote {REFERENCE}")
+        for path, text in generated.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote {path}")
         return 0
     problems = []
-    if not REFERENCE.exists() or REFERENCE.read_text() != text:
-        problems.append(f"{REFERENCE.relative_to(REPO)} is out of date: run "
-                        "`python -m sparsefw.docs_tool` and commit the result")
+    for path, text in generated.items():
+        if not path.exists() or path.read_text() != text:
+            problems.append(f"{path.relative_to(REPO)} is out of date: run "
+                            "`python -m sparsefw.docs_tool` and commit the result")
     langs = ("toml",) if args.no_run else ("toml", "python", "console")
     pages = [p.resolve() for p in args.pages] or guide_pages()
     problems += check_pages(pages, langs=langs)

@@ -70,27 +70,39 @@ class TrainState:
     progress during a step), ``epoch`` the current epoch, ``total_steps`` the run's length.
     """
 
+    #: the local model (beneath DDP and ``torch.compile``)
     model: torch.nn.Module
+    #: the optimizer (unwrapped from Accelerate's or Lightning's wrapper)
     optimizer: torch.optim.Optimizer
+    #: the run's masks: edit them only with ``masks.update(name, new_mask)``
     masks: MaskSet
+    #: ``loss_fn(output, target)`` of the components' own passes
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     device: torch.device
+    #: the run's seeded generator: every random choice of a component comes from it
     generator: torch.Generator
     #: the run directory (``None`` outside the Trainer)
     run_dir: Path | None
+    #: the run's config (a :class:`sparsefw.config.RunConfig`)
     config: Any
     #: the run's :class:`sparsefw.data.DataSplits` (shapes, classes, input range)
     data: Any
     steps_per_epoch: int
+    #: optimizer steps of the whole run
     total_steps: int
+    #: optimizer steps taken so far (the index of the step in progress during a step)
     step: int = 0
     epoch: int = 0
     #: training round (``[train] rounds``; lottery-ticket style methods)
     round: int = 0
     steps_per_round: int = 0
+    #: this step's schedule values, merged from every ``schedule`` component
     values: dict[str, float] = attrs.field(factory=dict)
+    #: this step's ``(inputs, targets)``, when the front door knows it (``needs = ("batch",)``)
     batch: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: this step's loss (a detached device tensor), after the forward/backward
     loss: torch.Tensor | None = None
+    #: device tensors to log (summed or read every ``log_every`` steps; never ``.item()``)
     metrics: dict[str, torch.Tensor] = attrs.field(factory=dict)
     #: lifecycle helpers, set by the :class:`~sparsefw.Sparsifier`: ``forward(x)`` and
     #: ``forward_backward(x, y, sync=True)`` run the local model as the masks define it;

@@ -116,3 +116,34 @@ def test_describe_shows_who_produces_and_reads_each_value(capsys, monkeypatch):
     flow = capsys.readouterr().out.split("# schedule values")[1]
     assert "drop_fraction: not scheduled (readers use their options) -> topology_update:rigl" in flow
     assert "rho:" in flow and "perturb[0]:s2sam" in flow
+
+
+def test_an_attrs_in_validator_error_is_one_clean_line():
+    import attrs
+
+    from sparsefw import config
+    from sparsefw.registry import Registry
+
+    @attrs.frozen
+    class Opts:
+        mode: str = attrs.field(default="a", validator=attrs.validators.in_(["a", "b"]))
+
+    class Comp:
+        """A perturbation."""
+
+        def __init__(self, cfg):
+            self.cfg = cfg
+
+        from sparsefw.hookspecs import hookimpl
+
+        @hookimpl
+        def sparsefw_perturb(self, state):
+            return None
+
+    reg = Registry()
+    reg.add("perturb", "opts", config=Opts, factory=Comp)
+    with pytest.raises(config.ConfigError) as err:
+        config.structure({"perturb": [{"name": "opts", "mode": "c"}]}, reg, source="x.toml")
+    text = str(err.value)
+    assert "x.toml: [[perturb]] #0 'mode' must be in ['a', 'b'] (got 'c')" in text
+    assert "Attribute(" not in text

@@ -20,6 +20,19 @@ def test_configuration_reference_is_current():
         "docs/configuration.md is out of date: run `python -m sparsefw.docs_tool`")
 
 
+def test_api_reference_is_current_and_covers_the_author_api():
+    from sparsefw import api_reference
+
+    expected = api_reference.generate()
+    assert docs_tool.API_REFERENCE.read_text() == expected, (
+        "docs/api.md is out of date: run `python -m sparsefw.docs_tool`")
+    for name in ("TrainState", "MaskSet", "topk_mask", "Perturbation", "TopologyChange",
+                 "in_range", "one_of", "check_component", "Sparsifier", "DropGrow"):
+        assert f".{name}`" in expected, name
+    assert "| `dense_momentum` |" in expected  # TrainState's fields with their comments
+    assert "- `update(self, name: str, mask: torch.Tensor) -> None`" in expected
+
+
 def test_reference_lists_every_core_section_and_component():
     from sparsefw.config import PLAIN_SECTIONS
     from sparsefw.plugins import load_catalogue
