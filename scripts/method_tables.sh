@@ -12,7 +12,7 @@ docs=docs/results
 mkdir -p "$docs"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
-sparsefw sweep configs/{static,set,rigl,dsr,mest,itop,granet,magnitude,snip,grasp}.toml \
+sparsefw sweep configs/{static,set,rigl,dsr,mest,itop,granet,snfs,magnitude,snip,grasp}.toml \
     configs/{agent_rigl,rigl_s2sam,rigl_sam,snip_s2sam}.toml \
     --grid sparsity.density=0.1,0.02 --seeds "$seeds" --jobs "$jobs" \
     --set 'logging.observers=["jsonl"]' --out "$out/unstructured"
