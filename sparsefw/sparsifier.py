@@ -188,6 +188,14 @@ class Sparsifier:
     components' own passes. The masks are initialised at construction (``init_masks``).
     ``check_plugins`` checks the hook contract around every hook call
     (:mod:`sparsefw.plugin_checks`; default: ``[debug] check_plugins`` or ``SPARSEFW_CHECK=1``).
+
+    Front doors that own more of the run pass the rest: ``forward_model`` (the module the
+    step's synchronised pass runs, e.g. a compiled DDP wrapper), ``dist``, ``observers`` (run
+    the config's observer components), ``after_optimizer_step`` (the front door's bookkeeping
+    after each optimizer step, returning the metrics handed to the ``step_end`` observers) and
+    ``front_door``: ``"trainer"`` drives epochs itself, owns the run's inputs (``needs =
+    ("inputs",)``) and its own forward masking; other values (``"loop"``, ``"huggingface"``,
+    ``"lightning"``) get implicit epochs, the forward pre-hook and forward-masking hooks.
     """
 
     def __init__(
