@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparsefw.commands import sweep
+from sparsefw.commands import compare, sweep
 from sparsefw.commands.report import read_metrics
 from sparsefw.cost import cost_curve, layer_flops
 from sparsefw.engine import train
@@ -94,6 +94,13 @@ def test_sweep_runs_equal_lone_train_runs(tmp_path):
             for key in swept[part]:
                 assert torch.equal(swept[part][key], alone[part][key]), (row["run_dir"], key)
         assert row["test/acc"] == lone_evals[-1]["test/acc"]
+
+    # and the sweep compares: every method at both densities, costs from the recorded passes
+    results = compare.run_compare(out, "static", plots=False).results
+    assert [[c.method for c in rows] for rows in results.values()] == [list(METHODS)] * 2
+    for rows in results.values():
+        assert all(c.n == 1 and c.equal_epochs.n == 1 for c in rows)
+        assert rows[0].compute_ratio == 1.0
 
 
 def test_queue_is_round_robin_by_seed(tmp_path):
