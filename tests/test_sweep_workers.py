@@ -69,7 +69,9 @@ def test_sweep_runs_equal_lone_train_runs(tmp_path):
     # each worker ran several runs of different methods one after another
     assert len(list((out / "workers").glob("worker*.log"))) == 2
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 2))}
+    # the thread count the workers ran with (results may depend on it)
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
     lone = {}
     procs = []
     for row in result.rows:
