@@ -113,7 +113,12 @@ def run_one(spec: RunSpec) -> dict:
             trainer, metrics = train(cfg, catalogue, run_dir=run_dir, raw_config=raw,
                                      config_source=spec.config)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            row = result_row(spec, "ok", metrics, wall=wall, cpu=cpu, cost=run_cost(trainer))
+            try:
+                cost = run_cost(trainer)
+            except Exception:  # the run trained; only its cost estimate failed
+                traceback.print_exc()
+                cost = {}
+            row = result_row(spec, "ok", metrics, wall=wall, cpu=cpu, cost=cost)
         except Exception as exc:  # one failed run must not end the sweep
             traceback.print_exc()
             row = result_row(spec, "failed", wall=time.perf_counter() - wall,

@@ -97,8 +97,9 @@ def load_runs(sweep_dir: str | Path) -> tuple[dict, list[Run]]:
         if row.get("status") != "ok":
             continue
         if "layer_flops" not in row:
-            raise ConfigError([f"{path}: no cost fields; the run is from an older sparsefw "
-                               "(run the sweep again with --rerun)"])
+            raise ConfigError([f"{path}: no cost fields: the run is from an older sparsefw "
+                               "(run the sweep again with --rerun) or its cost estimate failed "
+                               "(see its train.log)"])
         _, evals = read_metrics(run_dir)
         curve = cost_curve(evals, row["layer_flops"], batch_size=row["batch_size"],
                            steps_per_epoch=row["steps_per_epoch"])
