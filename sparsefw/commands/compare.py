@@ -227,7 +227,8 @@ def markdown(results: dict[tuple, list[Comparison]], base: str, compute: str,
         f"mean [{pct} t-interval] and the seeds with the mean's sign. Equal compute: "
         f"{_LABELS[compute]}. *To base final*: the first evaluation reaching the base's final "
         "accuracy (same seed), mean over the seeds that reach it, and its change against the "
-        "base reaching its own.", ""]
+        "base reaching its own. `-`: no paired value (at equal compute: the costlier run had "
+        "not reached its first evaluation when the other run ended).", ""]
     for point, rows in results.items():
         lines += [f"### {_point_label(point)}", "",
                   "| method | n | test acc (%) | Δ equal epochs | Δ equal compute | "
