@@ -1,5 +1,9 @@
 """The ``sparsefw`` command: ``train``, ``plugins`` and ``describe``, plus one sub-command per
-module of :mod:`sparsefw.commands` (each defines ``register(subparsers)``)."""
+module of :mod:`sparsefw.commands` (each defines ``register(subparsers)``).
+
+Start-up is kept short: this module and the command modules import neither torch nor the
+plugins at the top; each command imports what it uses when it runs, so ``sparsefw --help``
+and ``sparsefw compare`` never load torch."""
 
 from __future__ import annotations
 
@@ -10,13 +14,11 @@ import pkgutil
 import sys
 from pathlib import Path
 
-from sparsefw import config as config_mod
-from sparsefw.config import ConfigError
-from sparsefw.engine.rundir import RUN_INFO
-from sparsefw.plugins import build_run, load_catalogue
-
 
 def _load(args, catalogue):
+    from sparsefw import config as config_mod
+    from sparsefw.config import ConfigError
+
     if args.config is None:
         raise ConfigError(["a CONFIG file is required (or --resume RUN_DIR)"])
     cfg, raw = config_mod.load(args.config, catalogue.registry, args.set or ())
@@ -24,7 +26,11 @@ def _load(args, catalogue):
 
 
 def cmd_train(args) -> int:
+    from sparsefw import config as config_mod
+    from sparsefw.config import ConfigError
     from sparsefw.engine import train
+    from sparsefw.engine.rundir import RUN_INFO
+    from sparsefw.plugins import load_catalogue
 
     catalogue = load_catalogue()
     if args.resume:
@@ -53,6 +59,7 @@ def cmd_train(args) -> int:
 def cmd_plugins(args) -> int:
     import warnings
 
+    from sparsefw.plugins import load_catalogue
     from sparsefw.registry import PluginLoadWarning
 
     with warnings.catch_warnings():  # reported once, below
@@ -112,6 +119,9 @@ def _describe_component(reg, name: str) -> int:
 
 
 def cmd_describe(args) -> int:
+    from sparsefw import config as config_mod
+    from sparsefw.plugins import build_run, load_catalogue
+
     catalogue = load_catalogue()
     cfg, _ = _load(args, catalogue)
     run = build_run(cfg, catalogue)
@@ -164,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from sparsefw.config import ConfigError
+
     try:
         return args.func(args)
     except ConfigError as e:

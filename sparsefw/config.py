@@ -32,8 +32,12 @@ from cattrs.cols import (
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
 from sparsefw.distributions import DISTRIBUTIONS
-from sparsefw.masks import MASK_KINDS
 from sparsefw.registry import Registry
+
+#: ``[sparsity] kind``: hard masks (pruned weights exactly zero) or forward masks (dense
+#: weights, the forward pass sees ``w ⊙ m``); :class:`sparsefw.masks.MaskSet` implements both.
+#: Defined here, not in :mod:`sparsefw.masks`, so that reading a config needs no torch.
+MASK_KINDS = ("hard", "forward")
 
 
 class ConfigError(ValueError):

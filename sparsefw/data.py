@@ -115,8 +115,11 @@ def _range_of(lo: float, hi: float, mean, std) -> tuple:
 class DigitsConfig:
     """Options of ``digits``: the held-out fraction, the split's seed, flat (64,) inputs."""
 
+    #: fraction of each class held out as the test split (stratified)
     test_fraction: float = attrs.field(default=0.2, validator=[v.gt(0.0), v.lt(1.0)])
+    #: seed of the train/test split (independent of the run's ``seed``)
     split_seed: int = attrs.field(default=0, validator=v.ge(0))
+    #: inputs as flat ``(64,)`` vectors instead of ``(1, 8, 8)`` images
     flatten: bool = attrs.field(default=False, validator=v.instance_of(bool))
 
 
@@ -173,10 +176,15 @@ def digits(cfg: DigitsConfig) -> DataSplits:
 class SyntheticConfig:
     """Options of ``synthetic``: split sizes, classes, the input shape and the seed."""
 
+    #: samples in the training split
     n_train: int = attrs.field(default=512, validator=_positive)
+    #: samples in the test split
     n_test: int = attrs.field(default=128, validator=_positive)
+    #: classes (outputs of the random linear teacher)
     num_classes: int = attrs.field(default=10, validator=v.ge(2))
+    #: shape of one input, ``(C, H, W)`` or ``(features,)``
     input_shape: tuple[int, ...] = attrs.field(default=(1, 8, 8), validator=_positive_ints)
+    #: seed of the inputs and the teacher (independent of the run's ``seed``)
     seed: int = attrs.field(default=0, validator=v.ge(0))
 
 
@@ -207,8 +215,12 @@ class TorchvisionDataConfig:
     """Options of the torchvision data sets: where the files are, whether to download them,
     and whether to augment the training split."""
 
+    #: directory holding (or receiving) the torchvision files
     root: str = attrs.field(default="data", validator=v.instance_of(str))
+    #: fetch the files into ``root`` when missing (needs network access)
     download: bool = attrs.field(default=False, validator=v.instance_of(bool))
+    #: random crop (padding 4) and horizontal flip of training images, for the CIFAR sets
+    #: (MNIST, Fashion-MNIST and SVHN get none)
     augment: bool = attrs.field(default=True, validator=v.instance_of(bool))
     #: hold both splits as normalised tensors in device memory and augment on the device
     #: (no DataLoader workers); for data sets that fit, e.g. CIFAR (~600 MB as float32)
@@ -376,8 +388,12 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 class ImageFolderConfig:
     """Options of ``image_folder``: ``root`` holds ``train/<class>/*`` and ``val/<class>/*``."""
 
+    #: directory with ``train/<class>/*`` and ``val/<class>/*`` images
     root: str = attrs.field(default="data", validator=v.instance_of(str))
+    #: side of the square crop the model sees (test images: resized to ``size · 256/224``,
+    #: centre-cropped)
     image_size: int = attrs.field(default=224, validator=_positive)
+    #: random resized crop and horizontal flip of training images (else resize + centre crop)
     augment: bool = attrs.field(default=True, validator=v.instance_of(bool))
 
 

@@ -22,7 +22,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-MASK_KINDS = ("hard", "forward")
+from sparsefw.config import MASK_KINDS
+
 _SPARSIFIABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 

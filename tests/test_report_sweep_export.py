@@ -59,6 +59,12 @@ STATIC = """
 [topology_update]
 name = "static"
 """
+SET = """
+[topology_update]
+name = "set"
+every = 4
+end = 1.0
+"""
 
 
 def write_config(path: Path, method: str, *, epochs: int = 2, max_steps: int | None = None,
@@ -202,13 +208,14 @@ def test_pack_bits_inverts(shape):
 
 
 # ------------------------------------------------------------------------------ sweep
-def test_sweep_two_methods_two_sparsities_two_seeds(tmp_path, catalogue):
+def test_sweep_two_methods_two_sparsities_two_seeds(tmp_path):
+    # the worker processes load the installed catalogue, as `sparsefw train` would: built-ins
     static = write_config(tmp_path / "static.toml", STATIC, epochs=1, max_steps=8)
-    rewire = write_config(tmp_path / "rewire.toml", REWIRE, epochs=1, max_steps=8)
+    rewire = write_config(tmp_path / "rewire.toml", SET, epochs=1, max_steps=8)
     out = tmp_path / "sweep"
     lines: list[str] = []
     result = sweep.sweep([str(static), str(rewire)], ["sparsity.density=0.1,0.3"], seeds=2,
-                         out=out, catalogue=catalogue, echo=lines.append)
+                         out=out, echo=lines.append)
     assert result.failed == 0 and len(result.rows) == 8
 
     with open(result.csv) as f:
@@ -239,7 +246,7 @@ def test_sweep_two_methods_two_sparsities_two_seeds(tmp_path, catalogue):
     # a second call finds every run finished and only re-tabulates
     lines.clear()
     again = sweep.sweep([str(static), str(rewire)], ["sparsity.density=0.1,0.3"], seeds=2,
-                        out=out, catalogue=catalogue, echo=lines.append)
+                        out=out, echo=lines.append)
     assert any("8 of 8 runs already finished" in x for x in lines)
     assert [r["test/acc"] for r in again.rows] == [r["test/acc"] for r in result.rows]
 

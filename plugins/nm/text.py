@@ -34,9 +34,13 @@ class TextConfig:
     (unset: ``seq_len``), held-out ``test_fraction``, and ``max_chars`` to use only the start of
     the corpus (unset: all of it, about 465k characters)."""
 
+    #: characters per window (the model predicts each next character)
     seq_len: int = attrs.field(default=64, validator=in_range(0))
+    #: characters between the starts of training windows (unset: ``seq_len``)
     stride: int | None = attrs.field(default=None, validator=_opt_pos)
+    #: fraction of the corpus, from its end, held out as the test split
     test_fraction: float = attrs.field(default=0.1, validator=in_range(0, 1, hi_open=True))
+    #: use only the first ``max_chars`` characters (unset: the whole corpus)
     max_chars: int | None = attrs.field(default=None, validator=_opt_pos)
 
 

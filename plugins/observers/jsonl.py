@@ -1,6 +1,11 @@
 """``jsonl`` observer: every logged train step and every evaluation as one JSON line in
 ``metrics.jsonl``. On resume, lines from steps after the checkpoint are dropped first, so the
-file reads as the uninterrupted run's."""
+file reads as the uninterrupted run's.
+
+Each evaluation record also carries the run's cost so far (:mod:`sparsefw.cost`): the training
+forward and backward passes (``passes/forward``, ``passes/backward``) and the forward passes
+spent on evaluations (``passes/eval_forward``). The engine's ``state.passes`` counts both kinds;
+the passes made between ``epoch_end`` and ``eval_end`` are the evaluation's."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import json
 
 import attrs
 
+from sparsefw.cost import BACKWARD, EVAL_FORWARD, FORWARD
 from sparsefw.engine.checkpoint import atomic_write
 from sparsefw.hookspecs import hookimpl
 from sparsefw.registry import EmptyConfig
@@ -21,6 +27,9 @@ class JsonlObserver:
 
     cfg: EmptyConfig
     _file: object = None
+    #: forward passes spent on evaluations so far, and the count when the epoch ended
+    _eval_forward: int = 0
+    _at_epoch_end: dict | None = None
 
     @hookimpl
     def sparsefw_run_start(self, state):
@@ -34,6 +43,8 @@ class JsonlObserver:
                     continue  # a line cut by a kill
                 if record.get("step", 0) <= state.step:
                     kept.append(line)
+                    if record.get("kind") == "eval":
+                        self._eval_forward = int(record.get(EVAL_FORWARD, 0))
             text = "".join(f"{line}\n" for line in kept).encode()
             atomic_write(path, lambda f: f.write(text))
         self._file = open(path, "a", buffering=1)
@@ -47,8 +58,16 @@ class JsonlObserver:
         self._write("train", metrics)
 
     @hookimpl
+    def sparsefw_epoch_end(self, state):
+        self._at_epoch_end = dict(state.passes)
+
+    @hookimpl
     def sparsefw_eval_end(self, state, metrics):
-        self._write("eval", metrics)
+        at_end = self._at_epoch_end or dict(state.passes)
+        cost = {FORWARD: at_end["forward"] - self._eval_forward, BACKWARD: at_end["backward"]}
+        self._eval_forward += state.passes["forward"] - at_end["forward"]
+        self._at_epoch_end = None
+        self._write("eval", {**metrics, **cost, EVAL_FORWARD: self._eval_forward})
 
     @hookimpl
     def sparsefw_run_end(self, state, metrics):

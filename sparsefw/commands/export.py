@@ -21,27 +21,34 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import torch
 
-from sparsefw.engine.checkpoint import CHECKPOINT
-from sparsefw.engine.rundir import RUN_INFO
+if TYPE_CHECKING:  # torch is imported by the functions that use it: the CLI starts without it
+    import torch
 
 SPARSE_FORMAT = "sparsefw.bitmask/1"
-_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def _bits() -> torch.Tensor:
+    """The weight of each bit of a byte, most significant first."""
+    import torch
+
+    return torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
 # ------------------------------------------------------------------------------ packing
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """A bool tensor as uint8 bytes, 8 entries per byte, most significant bit first (the
     row-major flattening, zero-padded to a multiple of 8)."""
+    import torch
+
     flat = mask.reshape(-1).to(torch.uint8)
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 8) * _BITS).sum(1, dtype=torch.uint8)
+    return (flat.view(-1, 8) * _bits()).sum(1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
@@ -49,7 +56,7 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...] | list[int]) -> tor
     numel = 1
     for s in shape:
         numel *= int(s)
-    bits = packed.unsqueeze(1).bitwise_and(_BITS).ne(0).reshape(-1)
+    bits = packed.unsqueeze(1).bitwise_and(_bits()).ne(0).reshape(-1)
     return bits[:numel].reshape(tuple(shape))
 
 
@@ -57,6 +64,8 @@ def pack_sparse(state_dict: Mapping[str, torch.Tensor], masks: Mapping[str, torc
                 ) -> dict[str, Any]:
     """The compact form: ``{"format", "tensors": {key: tensor or {"shape", "bitmask",
     "values"}}}``, keys in ``state_dict`` order."""
+    import torch
+
     tensors: dict[str, Any] = {}
     for key, value in state_dict.items():
         if key in masks:
@@ -103,6 +112,8 @@ def unpack_sparse(payload: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 def tensor_bytes(obj: Any) -> int:
     """Bytes of every tensor in a (nested) dict/list."""
+    import torch
+
     if torch.is_tensor(obj):
         return obj.numel() * obj.element_size()
     if isinstance(obj, Mapping):
@@ -141,6 +152,11 @@ class Exported:
 def export_run(run_dir: str | Path, out: str | Path | None = None, *,
                sparse: bool = False) -> Exported:
     """Export ``run_dir``'s ``checkpoint.pt`` (see the module docstring)."""
+    import torch
+
+    from sparsefw.engine.checkpoint import CHECKPOINT
+    from sparsefw.engine.rundir import RUN_INFO
+
     run_dir = Path(run_dir)
     ckpt = run_dir / CHECKPOINT
     if not ckpt.exists():

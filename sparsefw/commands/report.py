@@ -25,9 +25,6 @@ from typing import Any
 
 import attrs
 
-from sparsefw.engine.checkpoint import CHECKPOINT
-from sparsefw.engine.rundir import RUN_INFO
-
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -55,6 +52,8 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
 
 def read_run_info(run_dir: str | Path) -> dict:
     """``run.json`` as a dict (empty if missing)."""
+    from sparsefw.engine.rundir import RUN_INFO
+
     path = Path(run_dir) / RUN_INFO
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -63,6 +62,8 @@ def load_masks(run_dir: str | Path) -> dict[str, Any]:
     """The checkpoint's mask state: ``{"masks": {name: bool tensor}, "targets": {...},
     "kind": ...}``."""
     import torch
+
+    from sparsefw.engine.checkpoint import CHECKPOINT
 
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():

@@ -3,44 +3,48 @@ trainings and tabulate them.
 
 Each CONFIG is one *method* (named after its file stem). Every method runs at every point of
 the grid (the Cartesian product of the ``--grid`` options; keys are ``section.key`` as in
-``--set``) with seeds ``0 .. N-1`` (``--seed-start`` shifts them). Runs go one after another in
-this process, or as ``--jobs K`` parallel processes. Everything lands in ``--out DIR``::
+``--set``) with seeds ``0 .. N-1`` (``--seed-start`` shifts them). The runs go to ``--jobs K``
+long-lived worker processes (default 1; :mod:`sparsefw.workers`), which pay torch's start-up
+once; each run is seeded and isolated exactly as a lone ``sparsefw train`` (its results are the
+same bit for bit). Runs are queued round-robin: seed 0 of every method and grid point, then
+seed 1, ..., so a busy machine slows every method alike. Everything lands in ``--out DIR``::
 
     DIR/runs/<method>/<grid point>/seed<k>/   one run directory each (+ train.log, result.json)
-    DIR/results.csv                           one row per run
+    DIR/workers/worker<k>.log                 each worker's own output
+    DIR/results.csv                           one row per run, with its cost: wall and CPU
+                                              seconds, training passes, FLOPs (sparsefw.cost)
     DIR/summary.csv                           per method and grid point: n, mean, std
     DIR/results.md                            methods × grid points, test accuracy mean ± std
     DIR/accuracy_vs_sparsity.png              accuracy against measured sparsity, per method
 
 A run whose ``result.json`` says it finished is not run again (``--rerun`` forces it), so an
-interrupted sweep continues where it stopped.
+interrupted sweep continues where it stopped. ``sparsefw compare DIR --base METHOD`` compares the
+methods seed by seed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import itertools
 import json
 import math
 import os
 import re
-import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import attrs
 
-from sparsefw import config as config_mod
 from sparsefw.config import ConfigError
+from sparsefw.stats import mean_std
+from sparsefw.workers import RunSpec, WorkerPool, finished
 
-RESULT_FILE = "result.json"
-LOG_FILE = "train.log"
 METRIC = "test/acc"
+#: the cost columns of ``results.csv`` (see :func:`sparsefw.workers.result_row`)
+COST_FIELDS = ("time_s", "cpu_s", "passes_forward", "passes_backward", "flops_dense",
+               "flops_sparse")
 
 
 # ------------------------------------------------------------------------------ the grid
@@ -114,29 +118,6 @@ def method_names(configs: Sequence[str]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
 
 
-@attrs.frozen
-class RunSpec:
-    """One run of the sweep (plain data: it crosses process boundaries as JSON)."""
-
-    method: str
-    config: str
-    point: tuple[tuple[str, str], ...]
-    seed: int
-    overrides: tuple[str, ...]
-    run_dir: str
-
-    def to_json(self) -> dict:
-        return {"method": self.method, "config": self.config,
-                "point": [list(p) for p in self.point], "seed": self.seed,
-                "overrides": list(self.overrides), "run_dir": self.run_dir}
-
-    @classmethod
-    def from_json(cls, data: dict) -> RunSpec:
-        return cls(method=data["method"], config=data["config"],
-                   point=tuple(tuple(p) for p in data["point"]), seed=data["seed"],
-                   overrides=tuple(data["overrides"]), run_dir=data["run_dir"])
-
-
 def plan(configs: Sequence[str], grid: Sequence[tuple[str, list[str]]], seeds: Sequence[int],
          out: Path, fixed: Sequence[str] = ()) -> list[RunSpec]:
     """Every run: methods × grid points × seeds."""
@@ -153,6 +134,8 @@ def plan(configs: Sequence[str], grid: Sequence[tuple[str, list[str]]], seeds: S
 
 def validate(specs: Sequence[RunSpec], registry) -> None:
     """Load every run's config before anything trains; all problems in one ConfigError."""
+    from sparsefw import config as config_mod
+
     problems: list[str] = []
     for spec in specs:
         try:
@@ -165,112 +148,47 @@ def validate(specs: Sequence[RunSpec], registry) -> None:
 
 
 # ------------------------------------------------------------------------------ running
-def _result_row(spec: RunSpec, status: str, metrics: dict | None, elapsed: float,
-                error: str = "") -> dict:
-    metrics = metrics or {}
-    return {
-        "method": spec.method, "config": spec.config,
-        "point": {k: v for k, v in spec.point}, "seed": spec.seed, "status": status,
-        "test/acc": metrics.get("test/acc"), "test/loss": metrics.get("test/loss"),
-        "density": metrics.get("density"), "step": metrics.get("step"),
-        "time_s": round(elapsed, 3), "run_dir": spec.run_dir, "error": error,
-    }
+def queue_order(specs: Sequence[RunSpec]) -> list[int]:
+    """Indices of ``specs`` round-robin by seed: for the first seed every grid point with every
+    method in turn, then the same for the second seed, ... (points and methods in planned
+    order), so runs that will be compared run side by side."""
+    def first(values) -> dict:
+        return {v: i for i, v in reversed(list(enumerate(values)))}
+
+    seed = first(sorted(s.seed for s in specs))
+    point = first(s.point for s in specs)
+    method = first(s.method for s in specs)
+    return sorted(range(len(specs)),
+                  key=lambda i: (seed[specs[i].seed], point[specs[i].point],
+                                 method[specs[i].method]))
 
 
-def run_one(spec: RunSpec, catalogue=None) -> dict:
-    """Train one run (output to ``train.log`` in its directory); writes and returns its
-    ``result.json`` row. A failure is recorded, not raised."""
-    from sparsefw.engine import train
-    from sparsefw.engine.checkpoint import write_json
-    from sparsefw.plugins import load_catalogue
-
-    run_dir = Path(spec.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with open(run_dir / LOG_FILE, "w") as log, contextlib.redirect_stdout(log), \
-            contextlib.redirect_stderr(log):
-        try:
-            catalogue = catalogue or load_catalogue()
-            cfg, raw = config_mod.load(spec.config, catalogue.registry, spec.overrides)
-            _, metrics = train(cfg, catalogue, run_dir=run_dir, raw_config=raw,
-                               config_source=spec.config)
-            row = _result_row(spec, "ok", metrics, time.perf_counter() - started)
-        except Exception as exc:  # one failed run must not end the sweep
-            traceback.print_exc()
-            row = _result_row(spec, "failed", None, time.perf_counter() - started,
-                              f"{type(exc).__name__}: {exc}")
-    write_json(run_dir / RESULT_FILE, row)
-    return row
-
-
-def _done(spec: RunSpec) -> dict | None:
-    path = Path(spec.run_dir) / RESULT_FILE
-    if not path.exists():
-        return None
-    try:
-        row = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    return row if row.get("status") == "ok" else None
-
-
-def _run_subprocess(spec: RunSpec, threads: int) -> dict:
-    run_dir = Path(spec.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    spec_path = run_dir / "spec.json"
-    spec_path.write_text(json.dumps(spec.to_json()))
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(threads))
-    proc = subprocess.run([sys.executable, "-m", "sparsefw.commands.sweep", "--worker",
-                           str(spec_path)], env=env, capture_output=True, text=True)
-    row = _done(spec) or (json.loads((run_dir / RESULT_FILE).read_text())
-                          if (run_dir / RESULT_FILE).exists() else None)
-    if row is None:
-        tail = (proc.stderr or proc.stdout)[-2000:]
-        row = _result_row(spec, "failed", None, 0.0, f"worker exited {proc.returncode}: {tail}")
-    return row
-
-
-def run_all(specs: Sequence[RunSpec], *, jobs: int = 1, rerun: bool = False, catalogue=None,
-            echo=print) -> list[dict]:
-    """Run every spec (skipping finished ones unless ``rerun``); rows in spec order."""
-    rows: list[dict | None] = [None if rerun else _done(s) for s in specs]
-    todo = [i for i, r in enumerate(rows) if r is None]
+def run_all(specs: Sequence[RunSpec], *, jobs: int = 1, rerun: bool = False,
+            log_dir: str | Path = "workers", echo=print) -> list[dict]:
+    """Run every spec (skipping finished ones unless ``rerun``) in ``jobs`` worker processes;
+    rows in spec order."""
+    rows: list[dict | None] = [None if rerun else finished(s) for s in specs]
+    todo = [i for i in queue_order(specs) if rows[i] is None]
     skipped = len(specs) - len(todo)
     if skipped:
         echo(f"{skipped} of {len(specs)} runs already finished; running {len(todo)}")
 
-    def report(i: int, row: dict) -> None:
+    def report(k: int, row: dict) -> None:
+        i = todo[k]
         rows[i] = row
         acc = row.get("test/acc")
         acc_s = f"acc {acc:.4f}" if isinstance(acc, float) else row.get("error", "")[:200]
         echo(f"[{sum(r is not None for r in rows)}/{len(specs)}] {row['method']} "
              f"{point_label(specs[i].point)} seed {row['seed']}: {row['status']} {acc_s} "
-             f"({row['time_s']:.1f}s)")
+             f"({row['time_s']:.1f}s wall, {row.get('cpu_s', 0.0):.1f}s CPU)")
 
-    if jobs <= 1:
-        from sparsefw.plugins import load_catalogue
-
-        catalogue = catalogue or load_catalogue()
-        for i in todo:
-            report(i, run_one(specs[i], catalogue))
-    else:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = {pool.submit(_run_subprocess, specs[i], threads): i for i in todo}
-            for fut in futures:
-                report(futures[fut], fut.result())
+    if todo:
+        threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+        WorkerPool(jobs, threads, log_dir).run([specs[i] for i in todo], report)
     return [r for r in rows if r is not None]
 
 
 # ------------------------------------------------------------------------------ results
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, std
-
-
 @attrs.frozen
 class Cell:
     """One method at one grid point, over seeds."""
@@ -294,8 +212,8 @@ def summarise(rows: Sequence[dict], methods: Sequence[str],
                     and tuple(r["point"].items()) == tuple(point)]
             ok = [r for r in mine if r["status"] == "ok" and r.get(METRIC) is not None]
             if ok:
-                mean, std = _mean_std([r[METRIC] for r in ok])
-                dens, _ = _mean_std([r["density"] for r in ok])
+                mean, std = mean_std([r[METRIC] for r in ok])
+                dens, _ = mean_std([r["density"] for r in ok])
             else:
                 mean = std = dens = math.nan
             cells.append(Cell(method, tuple(point), len(ok), len(mine) - len(ok), mean, std,
@@ -306,7 +224,7 @@ def summarise(rows: Sequence[dict], methods: Sequence[str],
 def write_csv(rows: Sequence[dict], keys: Sequence[str], path: Path) -> None:
     """One row per run: method, the grid values, seed, status, metrics, run directory."""
     fields = ["method", *keys, "seed", "status", "test/acc", "test/loss", "density", "step",
-              "time_s", "run_dir", "config", "error"]
+              *COST_FIELDS, "run_dir", "config", "error"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -396,8 +314,9 @@ class SweepResult:
 
 def sweep(configs: Sequence[str], grid_options: Sequence[str] = (), *, seeds: int = 1,
           seed_start: int = 0, out: str | Path = "sweep", jobs: int = 1, fixed: Sequence[str] = (),
-          rerun: bool = False, catalogue=None, echo=print) -> SweepResult:
-    """Run the sweep and write its tables and plot (see the module docstring)."""
+          rerun: bool = False, echo=print) -> SweepResult:
+    """Run the sweep and write its tables and plot (see the module docstring). Configs are
+    checked against the catalogue every run will load (built-ins and installed plugins)."""
     from sparsefw.plugins import load_catalogue
 
     if not configs:
@@ -411,15 +330,14 @@ def sweep(configs: Sequence[str], grid_options: Sequence[str] = (), *, seeds: in
     grid = parse_grid(grid_options)
     seed_list = list(range(seed_start, seed_start + seeds))
     specs = plan(configs, grid, seed_list, out, fixed)
-    catalogue = catalogue or load_catalogue()
-    validate(specs, catalogue.registry)
+    validate(specs, load_catalogue().registry)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps({
         "configs": list(configs), "grid": grid, "seeds": seed_list, "set": list(fixed),
         "methods": method_names(configs), "runs": [s.to_json() for s in specs]}, indent=2))
     echo(f"sweep: {len(configs)} method(s) × {len(grid_points(grid))} grid point(s) × "
          f"{seeds} seed(s) = {len(specs)} runs -> {out}")
-    rows = run_all(specs, jobs=jobs, rerun=rerun, catalogue=catalogue, echo=echo)
+    rows = run_all(specs, jobs=jobs, rerun=rerun, log_dir=out / "workers", echo=echo)
 
     keys = [k for k, _ in grid]
     methods = method_names(configs)
@@ -464,20 +382,7 @@ def register(subparsers) -> None:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a value in every run (repeatable)")
     p.add_argument("--jobs", type=int, default=1,
-                   help="run this many trainings at once, as separate processes (default 1: "
-                        "one after another in this process)")
+                   help="worker processes running trainings at once (default 1)")
     p.add_argument("--out", metavar="DIR", help="sweep directory (default sweeps/sweep-<time>)")
     p.add_argument("--rerun", action="store_true", help="run again even finished runs")
     p.set_defaults(func=cmd_sweep)
-
-
-def _worker(spec_path: str) -> int:
-    spec = RunSpec.from_json(json.loads(Path(spec_path).read_text()))
-    row = run_one(spec)
-    return 0 if row["status"] == "ok" else 1
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        sys.exit(_worker(sys.argv[2]))
-    sys.exit("usage: python -m sparsefw.commands.sweep --worker SPEC_JSON (internal)")
