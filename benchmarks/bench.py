@@ -531,7 +531,8 @@ def measure_model(spec: ModelSpec, vlist: list[Variant], catalogue, device: torc
                 runner.update_step(x, y)
                 runner.step(x, y)
             _sync(device)
-            rec.update(_measure_memory(runner, x, y, device, base_alloc))
+            if getattr(args, "memory", True):
+                rec.update(_measure_memory(runner, x, y, device, base_alloc))
             runners[v.key] = runner
             rec["status"] = "ok"
         except Exception as exc:  # report and go on with the other variants

@@ -50,26 +50,25 @@ def build(method: str, regrow: bool):
     }[method]()
 
 
-def emulated_state(layer_shapes, density, seed, alpha, target_density, device=None):
-    device = device or torch.device("cpu")
+def emulated_state(layer_shapes, density, seed, alpha, target_density):
     g = torch.Generator().manual_seed(seed)
     params, masks = {}, {}
     for i, shape in enumerate(layer_shapes):
         # few distinct values: plenty of ties in weights and gradients
         w = torch.randint(-3, 4, shape, generator=g).float() / 4
-        p = nn.Parameter(w.to(device))
-        p.grad = (torch.randint(-3, 4, shape, generator=g).float() / 4).to(device)
+        p = nn.Parameter(w)
+        p.grad = torch.randint(-3, 4, shape, generator=g).float() / 4
         params[f"l{i}.weight"] = p
         k = max(1, round(density * w.numel()))
-        masks[f"l{i}.weight"] = topk_mask(torch.rand(shape, generator=g), k).to(device)
+        masks[f"l{i}.weight"] = topk_mask(torch.rand(shape, generator=g), k)
     ms = MaskSet(params)
     for n, m in masks.items():
         ms.update(n, m)
     ms.apply_()
     return SimpleNamespace(
-        masks=ms, generator=torch.Generator(device=device).manual_seed(seed + 1),
+        masks=ms, generator=torch.Generator().manual_seed(seed + 1),
         values={"drop_fraction": alpha, "density": target_density}, metrics={}, step=0,
-        total_steps=100, device=device,
+        total_steps=100, device=torch.device("cpu"),
         config=SimpleNamespace(sparsity=SimpleNamespace(density=target_density)),
     )
 
@@ -79,8 +78,8 @@ def emulated_state(layer_shapes, density, seed, alpha, target_density, device=No
     alpha=st.floats(0.0, 1.0), target=st.floats(0.05, 1.0), method=st.sampled_from(DYNAMIC),
     regrow=st.booleans(),
 )
-def test_update_invariants(layer_shapes, density, seed, alpha, target, method, regrow, device):
-    state = emulated_state(layer_shapes, density, seed, alpha, target, device)
+def test_update_invariants(layer_shapes, density, seed, alpha, target, method, regrow):
+    state = emulated_state(layer_shapes, density, seed, alpha, target)
     names = state.masks.names
     old = {n: state.masks.masks[n].clone() for n in names}
     comp = build(method, regrow)
