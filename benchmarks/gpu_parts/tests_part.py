@@ -5,7 +5,8 @@ or builds its run with ``make_config`` then runs there; see ``tests/conftest.py`
 The set is chosen to check what could differ on a GPU, within two minutes on an H200: the hard
 mask invariant through real runs, S²-SAM/SAM perturb-then-restore bit for bit, resume bit for bit
 (deterministic algorithms switched on), N:M patterns (kernel and run), RigL/SET drop = grow
-(emulated and through runs). pytest runs in a child process, stopped at the part's budget.
+through real runs (every dynamic topology method). pytest runs in a child process, stopped at
+the part's budget.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ DEVICE_TESTS = (
     "tests/test_resume.py::test_kill_and_resume_is_bit_identical",
     "tests/test_nm_properties.py::test_every_group_keeps_exactly_the_n_largest",
     "tests/test_nm.py::test_ste_run_masks_are_nm_and_dense_weights_survive",
-    "tests/test_topology_properties.py::test_update_invariants",
     "tests/test_topology_properties.py::test_trainer_grown_weights_start_at_zero_with_zero_state",
 )
 
