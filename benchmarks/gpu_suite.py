@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="toy sizes (checks that every part runs; its figures mean nothing)")
     p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
                    help=f"time for all parts together, seconds (default {DEFAULT_BUDGET_S:.0f})")
+    p.add_argument("--steptime-modes", default="eager,compile",
+                   help="step-time part: eager, compile, or both (default eager,compile; a "
+                        "second call can measure only what the first had to cut)")
     p.add_argument("--only", default=None,
                    help="comma-separated part keys to run: " + ", ".join(p.key for p in PARTS))
     return p.parse_args(argv)
@@ -83,6 +86,11 @@ def main(argv=None) -> int:
     # the benchmark collects garbage before every variant it builds; objects of the imports so
     # far (torch's, most of the heap) never become garbage: keep them out of those collections
     gc.freeze()
+    modes = tuple(args.steptime_modes.split(","))
+    if not modes or set(modes) - {"eager", "compile"}:
+        print(f"gpu_suite: --steptime-modes {args.steptime_modes!r}: give eager, compile or "
+              "eager,compile", file=sys.stderr)
+        return 2
     parts = list(PARTS)
     if args.only:
         keys = args.only.split(",")
@@ -105,7 +113,7 @@ def main(argv=None) -> int:
     try:
         for i, part in enumerate(parts):
             ctx = PartContext(part.key, device, args.tiny, ROOT, out, work / part.key,
-                              deadline(i))
+                              deadline(i), options={"steptime_modes": modes})
             ctx.work_dir.mkdir(parents=True)
             print(f"-- {part.title}: up to {ctx.remaining():.0f} s", flush=True)
             rec = run_part(part, ctx)
@@ -119,6 +127,7 @@ def main(argv=None) -> int:
     bad = [r["title"] for r in results
            if r["status"] in ("failed", "error") or r["failures"]]
     meta["wall_s"] = time.monotonic() - started
+    meta["clocks_after"] = report.clocks() if device.type == "cuda" else None
     meta["verdict"] = "FAILED: " + "; ".join(bad) if bad else "passed"
     md, js = report.write(out, meta, results)
     print(f"gpu_suite: {meta['verdict']} in {meta['wall_s']:.0f} s; wrote {md} and {js}")

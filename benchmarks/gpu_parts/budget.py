@@ -35,6 +35,8 @@ class PartContext:
     out_dir: Path  # what comes back: the report files
     work_dir: Path  # scratch (run directories), removed afterwards
     deadline: float  # time.monotonic() value
+    #: part options from the command line (``--steptime-modes``)
+    options: dict[str, Any] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)

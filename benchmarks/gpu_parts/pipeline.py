@@ -89,5 +89,6 @@ def run(ctx: PartContext) -> None:
         f"{dev['seconds']:.3f} | {dev['images_per_s']:,.0f} |",
         f"| DataLoader, {workers} workers, PIL crop+flip | {dl['images']} | "
         f"{dl['seconds']:.3f} | {dl['images_per_s']:,.0f} |",
+        "",
         f"- device-resident / DataLoader: {ctx.figures['speedup']:.1f}x",
     ]

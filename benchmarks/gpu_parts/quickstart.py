@@ -46,6 +46,7 @@ def run(ctx: PartContext) -> None:
     for name, r in (("cpu", cpu), (ctx.device.type, dev)):
         ctx.lines.append(f"| {name} | {r['test_acc']:.4f} | {r['test_loss']:.4f} | "
                          f"{r['steps']} | {r['wall_s']:.1f} |")
+    ctx.lines.append("")
     ctx.lines.append(f"- device − CPU accuracy: {gap:+.4f} (allowed ±{TOLERANCE})")
     if abs(gap) > TOLERANCE:
         ctx.fail(f"quickstart on {ctx.device.type}: accuracy {dev['test_acc']:.4f} is not "

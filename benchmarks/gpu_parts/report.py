@@ -27,6 +27,14 @@ def _nvidia_smi(query: str) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+CLOCKS = "driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit"
+
+
+def clocks() -> str | None:
+    """Driver, SM clock, its maximum, memory clock and power limit, as nvidia-smi reads them."""
+    return _nvidia_smi(CLOCKS)
+
+
 def machine(device: torch.device, root: Path) -> dict:
     """Versions, device and clocks."""
     info = {
@@ -48,8 +56,7 @@ def machine(device: torch.device, root: Path) -> dict:
         info.update(device_name=props.name, capability=f"{props.major}.{props.minor}",
                     memory_gib=round(props.total_memory / 2**30, 1),
                     multiprocessors=props.multi_processor_count,
-                    driver_and_clocks=_nvidia_smi(
-                        "driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit"))
+                    driver_and_clocks=clocks())
     else:
         info["device_name"] = platform.processor() or "cpu"
     try:
@@ -81,7 +88,8 @@ def markdown(meta: dict, parts: list[dict]) -> str:
         f"- torch {meta['torch']} (CUDA {meta['cuda']}, cuDNN {meta['cudnn']}), torchvision "
         f"{meta['torchvision']}, Python {meta['python']}; sparsefw at git {meta.get('git')}",
         f"- driver, SM clock, max SM clock, memory clock, power limit: "
-        f"{meta.get('driver_and_clocks') or '—'}",
+        f"{meta.get('driver_and_clocks') or '—'} (at the start); "
+        f"{meta.get('clocks_after') or '—'} (at the end)",
         f"- command: `{meta['command']}`; budget {meta['budget_s']} s, used "
         f"{meta['wall_s']:.0f} s; date {meta['date']}",
         f"- verdict: **{meta['verdict']}**", "",

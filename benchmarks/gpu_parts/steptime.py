@@ -131,8 +131,11 @@ def run(ctx: PartContext) -> None:
     catalogue = load_catalogue(autoload=False, extra=[("gpu_suite_tokens", tokens)])
     registry = catalogue.registry
     sizes = TINY if ctx.tiny else FULL
-    modes = [("eager", False, EAGER_VARIANTS)]
-    if ctx.tiny:
+    wanted = ctx.options.get("steptime_modes", ("eager", "compile"))
+    modes = [("eager", False, EAGER_VARIANTS)] if "eager" in wanted else []
+    if "compile" not in wanted:
+        ctx.note("torch.compile: not asked for (--steptime-modes)")
+    elif ctx.tiny:
         ctx.note("torch.compile: not run at --tiny (compiling on a CPU takes minutes)")
     else:
         modes.append(("torch.compile", True, COMPILED_VARIANTS))

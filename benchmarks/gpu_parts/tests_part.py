@@ -84,6 +84,7 @@ def run(ctx: PartContext) -> None:
         "|---|---|---|---|---|",
         f"| {summary['tests']} | {summary['passed']} | {summary['failures']} | "
         f"{summary['errors']} | {summary['skipped']} |",
+        "",
     ]
     for why, n in summary["skipped_why"].items():
         ctx.lines.append(f"- skipped ({n}): {why}")
