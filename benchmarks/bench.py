@@ -20,7 +20,8 @@ through the real engine: a :class:`sparsefw.engine.Trainer` built from a config 
 in-memory data, no observers), ``trainer._init_masks()`` once, then ``trainer.step(x, y)`` on a
 fixed batch, never on a logging step. Timings are interleaved (one block of every variant per
 repeat) so that drifting machine load spreads over all variants; each figure is the median of
-the repeats with its inter-quartile range. CUDA is synchronised around every timed block.
+the repeats with its inter-quartile range. CUDA is synchronised around every timed block, which
+is timed with CUDA events (``timing.BlockTimer``).
 
 Memory: ``state MB`` counts the bytes of every persistent tensor a variant holds (parameters,
 gradients, optimizer state, masks, plugin buffers), exactly, on any device. ``peak MB`` is, on

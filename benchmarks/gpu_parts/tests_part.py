@@ -62,6 +62,8 @@ def run(ctx: PartContext) -> None:
     env = dict(os.environ)
     env.setdefault("SETUPTOOLS_USE_DISTUTILS", "stdlib")
     env["HYPOTHESIS_PROFILE"] = "dev" if ctx.tiny else env.get("HYPOTHESIS_PROFILE", "ci")
+    if ctx.device.type == "cuda":  # deterministic cuBLAS: read when the first handle is made
+        env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     ctx.figures["command"] = " ".join(cmd[1:])
     timeout = max(1.0, ctx.remaining())
     try:
