@@ -532,7 +532,7 @@ def measure_model(spec: ModelSpec, vlist: list[Variant], catalogue, device: torc
                 runner.update_step(x, y)
                 runner.step(x, y)
             _sync(device)
-            if getattr(args, "memory", True):
+            if getattr(args, "memory", True):  # callers may skip it (CPU profiling is slow)
                 rec.update(_measure_memory(runner, x, y, device, base_alloc))
             runners[v.key] = runner
             rec["status"] = "ok"

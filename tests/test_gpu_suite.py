@@ -120,3 +120,18 @@ def test_deadlines_keep_later_parts_their_share(budget_mod):
              (("a", 1.0), ("b", 1.0), ("c", 2.0))]
     deadline = budget_mod.plan_deadlines(parts, 0.0, 100.0)
     assert [deadline(i) for i in range(3)] == [25.0, 50.0, 100.0]
+
+
+def test_a_short_budget_cuts_the_part_and_still_reports(tmp_path):
+    """End to end: a step-time part given 2 s stops between models, is reported as cut with
+    what it measured, and the suite passes (a cut is not a failure)."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(SUITE), "--device", "cpu", "--tiny", "--only",
+                           "steptime", "--budget-s", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    data = json.loads((out / "gpu-report.json").read_text())
+    (part,) = data["parts"]
+    assert part["status"] == "cut" and not part["failures"]
+    assert len(part["figures"]["eager"]) < 5
+    assert "cut (ran out of its time budget" in (out / "gpu-report.md").read_text()
