@@ -7,7 +7,8 @@
 #    (torch==2.14.1 torchvision==0.29.1) from the package index, where one is reachable.
 # 2. sparsefw's pure-Python dependencies the machine lacks: from wheels in .whl/ when that folder
 #    exists (a machine without an index), else from the index.
-# 3. sparsefw itself, editable, offline (no build isolation, no index).
+# 3. sparsefw itself, editable, offline (no build isolation, no index); if the machine's
+#    setuptools cannot do an editable install, a copy into /tmp/sparsefw-site.
 # 4. benchmarks/gpu_suite.py --out "$OUT" --budget-s "${BUDGET_S:-420}" $GPU_SUITE_ARGS; its exit
 #    status is ours.
 # Checking this script on a CPU: PYTHON=.venv/bin/python REQUIRE_CUDA=0 \
@@ -50,8 +51,13 @@ if [ -n "$missing" ]; then
     echo "== missing: $missing; installing from the index"
     "$PY" -m pip install -q $missing || { echo "gpu_run: cannot install $missing"; exit 2; }
 fi
-"$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . \
-    || { echo "gpu_run: installing sparsefw (editable, offline) failed"; exit 2; }
+if ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .; then
+    echo "== editable install failed; installing a copy into /tmp/sparsefw-site instead"
+    "$PY" -m pip install -q --no-deps --no-build-isolation --no-index --upgrade \
+        --target /tmp/sparsefw-site . \
+        || { echo "gpu_run: installing sparsefw (offline) failed"; exit 2; }
+    export PYTHONPATH="/tmp/sparsefw-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 # shellcheck disable=SC2086  # GPU_SUITE_ARGS is a list of words
 "$PY" benchmarks/gpu_suite.py --out "$OUT" --budget-s "${BUDGET_S:-420}" ${GPU_SUITE_ARGS:-}
