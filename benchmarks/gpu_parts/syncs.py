@@ -1,7 +1,8 @@
-"""Part 6 — no host syncs: every registered topology, perturbation and gradient-correction
-component (and the dense, hard and forward-masked baselines; the cases of
-``tests/test_no_host_sync.py``) runs until it has taken at least 50 regular steps (neither a
-logging nor a topology update step) on the device. Two counters watch those steps:
+"""Part 6 — no host syncs: every registered topology, perturbation, gradient-correction and
+schedule component (and the dense, hard and forward-masked baselines and all observers: the
+cases of ``tests/test_no_host_sync.py`` plus the schedules) runs until it has taken at least 50
+regular steps (neither a logging nor a topology update step) on the device. Two counters watch
+those steps:
 
 * the test module's counter of tensor reads to the host made by sparsefw code (``item``,
   ``tolist``, ``__bool__``, ...; any device);
@@ -47,13 +48,28 @@ class CudaSyncCounter:
         return False
 
 
-def steps_for(case: str, mod, tiny: bool) -> int:
+def cases(mod) -> dict[str, dict]:
+    """The test module's cases plus one per registered schedule component (schedules answer
+    on every step; the test module does not list them). Mask initialisers run once, before
+    training, outside the step, and are not stepped here."""
+    out = dict(mod.CASES)
+    for name in mod._REGISTRY.names("schedule"):
+        over = {"schedule": [{"name": name}]}
+        if name in ("mask_decay", "structure_decay"):  # β and N:M frames of forward masks
+            over = mod.merge(mod.FORWARD_NM, over)
+            if name == "structure_decay":
+                over["topology_update"] = {"name": "nm", "n": 2, "m": 4, "every": 2}
+        out[f"schedule:{name}"] = mod.merge(mod.HARD, over)
+    return out
+
+
+def steps_for(case: dict, mod, tiny: bool) -> int:
     """Steps to run so that ``REGULAR_STEPS`` of them are regular (fewer at ``--tiny``)."""
     if tiny:
         return 6
     per4 = mod.LOG_EVERY - 1  # regular steps among LOG_EVERY without topology updates
     n = REGULAR_STEPS * mod.LOG_EVERY // per4 + mod.LOG_EVERY
-    return 2 * n + 4 if case.startswith("topology_update:") else n
+    return 2 * n + 4 if "topology_update" in case else n
 
 
 def run(ctx: PartContext) -> None:
@@ -62,10 +78,11 @@ def run(ctx: PartContext) -> None:
     ctx.figures["cases"] = {}
     ctx.lines += ["| component | steps | regular | sparsefw host reads (regular) | "
                   "CUDA syncs (regular) | verdict |", "|---|---|---|---|---|---|"]
-    for case in sorted(mod.CASES):
+    all_cases = cases(mod)
+    for case in sorted(all_cases):
         ctx.check(case)
-        n = steps_for(case, mod, ctx.tiny)
-        raw = mod._raw(**mod.CASES[case])
+        n = steps_for(all_cases[case], mod, ctx.tiny)
+        raw = mod._raw(**all_cases[case])
         raw["train"]["device"] = ctx.device.type
         raw["train"]["epochs"] = n // 4 + 2  # the tiny data has 4 steps per epoch
         CudaSyncCounter.events = []
