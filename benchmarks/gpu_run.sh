@@ -18,6 +18,7 @@ OUT="${OUT:-$PWD/gpu-out}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu-run.log") 2>&1
+tee_pid=$!
 export PYTHONUNBUFFERED=1 SETUPTOOLS_USE_DISTUTILS=stdlib
 echo "== $(date -u +%FT%TZ) $(uname -m) $("$PY" --version 2>&1) at $(command -v "$PY")"
 nvidia-smi -L 2>/dev/null || echo "nvidia-smi: not available"
@@ -63,4 +64,6 @@ fi
 "$PY" benchmarks/gpu_suite.py --out "$OUT" --budget-s "${BUDGET_S:-420}" ${GPU_SUITE_ARGS:-}
 status=$?
 echo "== gpu_suite exit status $status; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+exec >&- 2>&-  # let tee write the end of the log before we return
+wait "$tee_pid" 2>/dev/null
 exit $status
