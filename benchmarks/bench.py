@@ -20,7 +20,8 @@ through the real engine: a :class:`sparsefw.engine.Trainer` built from a config 
 in-memory data, no observers), ``trainer._init_masks()`` once, then ``trainer.step(x, y)`` on a
 fixed batch, never on a logging step. Timings are interleaved (one block of every variant per
 repeat) so that drifting machine load spreads over all variants; each figure is the median of
-the repeats with its inter-quartile range. CUDA is synchronised around every timed block.
+the repeats with its inter-quartile range. CUDA is synchronised around every timed block, which
+is timed with CUDA events (``timing.BlockTimer``).
 
 Memory: ``state MB`` counts the bytes of every persistent tensor a variant holds (parameters,
 gradients, optimizer state, masks, plugin buffers), exactly, on any device. ``peak MB`` is, on
@@ -52,7 +53,6 @@ import os
 import platform
 import pstats
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,6 +72,10 @@ from sparsefw.engine import Trainer
 from sparsefw.masks import sparsifiable_params
 from sparsefw.plugins import load_catalogue
 from sparsefw.sparsifier import Sparsifier
+
+from timing import BlockTimer
+from timing import stats as _stats
+from timing import sync as _sync
 
 #: ``[train] log_every`` of every benchmarked run: no step is a logging step
 LOG_NEVER = 10**9
@@ -127,12 +131,37 @@ class ModelSpec:
     input_shape: tuple[int, ...]
     batch: int
     num_classes: int = 10
+    #: token-id inputs and per-position targets (a language model) over this vocabulary
+    #: (``num_classes`` is then the vocabulary size); None: float inputs, one label per sample
+    vocab: int | None = None
+    #: the ``[data]`` section of the engine's runs; None: ``synthetic`` data shaped like the spec
+    data: dict | None = None
 
     @property
     def label(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
         shape = "x".join(map(str, self.input_shape))
         return f"{self.name}({opts}) on {shape}, batch {self.batch}"
+
+
+def batch_tensors(spec: ModelSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed batch every variant of ``spec`` is timed on (seeded)."""
+    gen = torch.Generator().manual_seed(1)
+    if spec.vocab is not None:
+        x = torch.randint(0, spec.vocab, (spec.batch, *spec.input_shape), generator=gen)
+        y = torch.randint(0, spec.vocab, (spec.batch, *spec.input_shape), generator=gen)
+    else:
+        x = torch.randn(spec.batch, *spec.input_shape, generator=gen)
+        y = torch.randint(0, spec.num_classes, (spec.batch,), generator=gen)
+    return x.to(device), y.to(device)
+
+
+def autocast(device: torch.device, amp: str):
+    """The engine's mixed precision (``[train] amp``) for the plain loop."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def model_spec(key: str, sizes: Sizes) -> ModelSpec:
@@ -328,8 +357,11 @@ def tensor_bytes(*roots: Any) -> int:
 class PlainRunner:
     """The reference: a hand-written loop with the engine's optimizer settings."""
 
-    def __init__(self, spec: ModelSpec, registry, device: torch.device, compile: bool):
+    def __init__(self, spec: ModelSpec, registry, device: torch.device, compile: bool,
+                 amp: str = "off"):
         torch.manual_seed(0)
+        self.device = device
+        self.amp = amp
         entry = registry.get("model", spec.name)
         opts = config_mod.CONVERTER.structure(spec.options, entry.config)
         self.model = entry.factory(opts, input_shape=spec.input_shape,
@@ -346,7 +378,9 @@ class PlainRunner:
 
     def step(self, x, y) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.forward(x), y)
+        with autocast(self.device, self.amp):
+            out = self.forward(x)
+        loss = F.cross_entropy(out.float(), y)
         loss.backward()
         self.optimizer.step()
 
@@ -359,14 +393,16 @@ class SparsifierRunner(PlainRunner):
     loop running the variant's method sections (``sparsifier.step(closure)``)."""
 
     def __init__(self, spec: ModelSpec, variant: Variant, catalogue, device: torch.device,
-                 compile: bool):
-        super().__init__(spec, catalogue.registry, device, compile)
+                 compile: bool, amp: str = "off"):
+        super().__init__(spec, catalogue.registry, device, compile, amp)
         self.sparsifier = Sparsifier(self.forward, self.optimizer, variant.sections,
-                                     catalogue=catalogue, total_steps=10**9)
+                                     catalogue=catalogue, total_steps=10**9, amp=amp)
 
     def step(self, x, y) -> None:
         def closure():
-            loss = F.cross_entropy(self.forward(x), y)
+            with autocast(self.device, self.amp):
+                out = self.forward(x)
+            loss = F.cross_entropy(out.float(), y)
             loss.backward()
             return loss
 
@@ -382,8 +418,8 @@ class EngineRunner:
     """A real :class:`Trainer` whose ``step`` is called on the fixed batch."""
 
     def __init__(self, spec: ModelSpec, variant: Variant, catalogue, device: torch.device,
-                 compile: bool, sizes: Sizes, run_dir: Path):
-        raw = engine_config(spec, variant.sections or {}, device, compile, sizes)
+                 compile: bool, sizes: Sizes, run_dir: Path, amp: str = "off"):
+        raw = engine_config(spec, variant.sections or {}, device, compile, sizes, amp)
         cfg = config_mod.structure(raw, catalogue.registry, source=f"bench:{variant.key}")
         self.trainer = Trainer(cfg, catalogue, run_dir=run_dir, raw_config=raw)
         tr = self.trainer
@@ -438,16 +474,19 @@ class EngineRunner:
 
 
 def engine_config(spec: ModelSpec, sections: dict, device: torch.device, compile: bool,
-                  sizes: Sizes) -> dict:
-    """A raw run config: synthetic in-memory data shaped like ``spec``, no observers, no
-    logging step, constant learning rate, the benchmark's optimizer; ``sections`` merged in."""
+                  sizes: Sizes, amp: str = "off") -> dict:
+    """A raw run config: synthetic in-memory data shaped like ``spec`` (or ``spec.data``), no
+    observers, no logging step, constant learning rate, the benchmark's optimizer, mixed
+    precision ``amp``; ``sections`` merged in."""
+    data = spec.data or {"name": "synthetic", "n_train": spec.batch * sizes.epoch_batches,
+                         "n_test": spec.batch, "num_classes": spec.num_classes,
+                         "input_shape": list(spec.input_shape)}
     raw: dict[str, Any] = {
         "seed": 0,
         "train": {"epochs": 10**6, "batch_size": spec.batch, "eval_batch_size": spec.batch,
-                  "device": str(device), "log_every": LOG_NEVER, "compile": compile},
-        "data": {"name": "synthetic", "n_train": spec.batch * sizes.epoch_batches,
-                 "n_test": spec.batch, "num_classes": spec.num_classes,
-                 "input_shape": list(spec.input_shape)},
+                  "device": str(device), "log_every": LOG_NEVER, "compile": compile,
+                  "amp": amp},
+        "data": dict(data),
         "model": {"name": spec.name, **spec.options},
         "optimizer": dict(OPTIM),
         "lr_schedule": {"name": "constant"},
@@ -459,21 +498,6 @@ def engine_config(spec: ModelSpec, sections: dict, device: torch.device, compile
 
 
 # ------------------------------------------------------------------------------ measuring
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _stats(samples: list[float]) -> dict:
-    ms = [s * 1e3 for s in samples]
-    med = statistics.median(ms)
-    if len(ms) >= 2:
-        q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive")
-    else:
-        q1 = q3 = med
-    return {"median_ms": med, "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1, "samples_ms": ms}
-
-
 def _missing(variant: Variant, names: set[str]) -> str | None:
     miss = [f"{slot} {name!r}" for slot, name in variant.requires if (slot, name) not in names]
     return f"not registered: {', '.join(miss)}" if miss else None
@@ -507,9 +531,8 @@ def measure_model(spec: ModelSpec, vlist: list[Variant], catalogue, device: torc
     """Build every available variant, warm each up and measure its memory, then time them in
     interleaved repeats. Returns the model's result record."""
     names = set(catalogue.registry.entries) if hasattr(catalogue.registry, "entries") else set()
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(spec.batch, *spec.input_shape, generator=gen).to(device)
-    y = torch.randint(0, spec.num_classes, (spec.batch,), generator=gen).to(device)
+    amp = getattr(args, "amp", "off")
+    x, y = batch_tensors(spec, device)
     results: dict[str, dict] = {}
     runners: dict[str, Any] = {}
     estimate: dict[str, float] = {}
@@ -527,12 +550,12 @@ def measure_model(spec: ModelSpec, vlist: list[Variant], catalogue, device: torc
                 torch.cuda.empty_cache()
             base_alloc = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             if v.sections is None:
-                runner = PlainRunner(spec, catalogue.registry, device, args.compile)
+                runner = PlainRunner(spec, catalogue.registry, device, args.compile, amp)
             elif v.front_door == "loop":
-                runner = SparsifierRunner(spec, v, catalogue, device, args.compile)
+                runner = SparsifierRunner(spec, v, catalogue, device, args.compile, amp)
             else:
                 runner = EngineRunner(spec, v, catalogue, device, args.compile, sizes,
-                                      run_dir / f"{spec.key}-{v.key}")
+                                      run_dir / f"{spec.key}-{v.key}", amp)
             for _ in range(sizes.warmup):
                 _sync(device)
                 t0 = time.perf_counter()
@@ -543,7 +566,8 @@ def measure_model(spec: ModelSpec, vlist: list[Variant], catalogue, device: torc
                 runner.update_step(x, y)
                 runner.step(x, y)
             _sync(device)
-            rec.update(_measure_memory(runner, x, y, device, base_alloc))
+            if getattr(args, "memory", True):  # callers may skip it (CPU profiling is slow)
+                rec.update(_measure_memory(runner, x, y, device, base_alloc))
             runners[v.key] = runner
             rec["status"] = "ok"
         except Exception as exc:  # report and go on with the other variants
@@ -567,19 +591,18 @@ def measure_model(spec: ModelSpec, vlist: list[Variant], catalogue, device: torc
             blocks.append((f"{key}@epoch", None, runner.epoch, 1, sizes.epoch_repeats))
     samples: dict[str, list[float]] = {b[0]: [] for b in blocks}
     cpu_samples: dict[str, list[float]] = {b[0]: [] for b in blocks}
+    timer = BlockTimer(device)
     for r in range(max(b[4] for b in blocks) if blocks else 0):
         for key, warm, fn, k, reps in blocks:
             if r >= reps:
                 continue
             if warm is not None:
                 warm(x, y)
-            _sync(device)
-            c0, t0 = time.process_time(), time.perf_counter()
-            for _ in range(k):
-                fn(x, y)
-            _sync(device)
-            samples[key].append((time.perf_counter() - t0) / k)
-            cpu_samples[key].append((time.process_time() - c0) / k)
+            with timer:
+                for _ in range(k):
+                    fn(x, y)
+            samples[key].append(timer.seconds / k)
+            cpu_samples[key].append(timer.cpu_seconds / k)
 
     for key, s in samples.items():
         main, _, what = key.partition("@")
@@ -840,6 +863,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model, in the engine ([train] compile) and in the "
                         "plain loop alike")
+    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
+                   help="mixed precision, in the engine ([train] amp) and the plain loop alike")
     p.add_argument("--profile", action="store_true",
                    help="also profile plain/dense/hard90 (torch.profiler + cProfile)")
     p.add_argument("--plugin", action="append", default=[],
@@ -927,7 +952,8 @@ def main(argv=None) -> int:
     payload = {
         "meta": {**info, "date": dt.datetime.now().isoformat(timespec="seconds"),
                  "command": command, "preset": preset, "sizes": sizes.__dict__,
-                 "compile": args.compile, "clock": args.clock, "optimizer": OPTIM,
+                 "compile": args.compile, "amp": args.amp, "clock": args.clock,
+                 "optimizer": OPTIM,
                  "wall_s": None,
                  "registered": sorted(f"{s}:{n}" for s, n in names
                                       if s in ("mask_init", "topology_update", "perturb",

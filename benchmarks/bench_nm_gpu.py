@@ -9,26 +9,17 @@ Timings are CUDA-event medians of ``--repeats`` runs after warm-up.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from timing import time_op
 
-def _time(fn, repeats: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+
+def _time(fn, repeats: int) -> float:
+    """Median milliseconds of ``fn()`` on the current CUDA device (CUDA events)."""
+    return time_op(fn, torch.device("cuda"), repeats, warmup=5)["median_ms"]
 
 
 def bench_linears(tokens: int, dtype: torch.dtype, repeats: int) -> None:

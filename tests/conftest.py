@@ -1,4 +1,6 @@
-"""Shared fixtures: hypothesis profiles, a catalogue with autoload off, and a config builder."""
+"""Shared fixtures: hypothesis profiles, a catalogue with autoload off, a config builder, and the
+device the device-aware tests run on (``--device cuda`` or ``SPARSEFW_TEST_DEVICE=cuda``; default
+CPU)."""
 
 from __future__ import annotations
 
@@ -43,6 +45,29 @@ TINY = {
 }
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device", default=os.environ.get("SPARSEFW_TEST_DEVICE", "cpu"),
+        help="device of the tests that take the `device` fixture and of every `make_config` run "
+             "(cpu or cuda; default $SPARSEFW_TEST_DEVICE or cpu). On CUDA, deterministic "
+             "algorithms are switched on (warn only) so that runs repeat bit for bit.",
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    """The device under test (a ``torch.device``); CUDA without a GPU skips the test."""
+    import torch
+
+    dev = torch.device(request.config.getoption("--device"))
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("--device cuda: no GPU on this machine")
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return dev
+
+
 @pytest.fixture(scope="session")
 def catalogue():
     """Built-in plugins only (entry points not loaded)."""
@@ -50,11 +75,13 @@ def catalogue():
 
 
 @pytest.fixture(scope="session")
-def make_config(catalogue):
-    """``make_config(**sections)`` -> (RunConfig, raw dict): :data:`TINY` with overrides."""
+def make_config(catalogue, device):
+    """``make_config(**sections)`` -> (RunConfig, raw dict): :data:`TINY` on the ``device`` under
+    test, with overrides."""
+    on_device = merge(TINY, {"train": {"device": str(device)}})
 
     def build(**over):
-        raw = merge(TINY, over)
+        raw = merge(on_device, over)
         return config_mod.structure(raw, catalogue.registry, source="test.toml"), raw
 
     return build

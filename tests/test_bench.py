@@ -18,6 +18,8 @@ BENCH = ROOT / "benchmarks" / "bench.py"
 
 @pytest.fixture(scope="module")
 def bench():
+    if str(BENCH.parent) not in sys.path:  # bench.py imports its sibling module ``timing``
+        sys.path.insert(0, str(BENCH.parent))
     spec = importlib.util.spec_from_file_location("sparsefw_bench", BENCH)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
