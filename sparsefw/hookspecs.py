@@ -87,7 +87,8 @@ def sparsefw_perturb(state):
     inputs (``inputs``). The engine adds the offsets, runs forward/backward on the perturbed
     point, then **restores the weights bit-exactly** by copying back the saved originals;
     implementations never restore anything themselves. A plugin may call
-    ``state.forward_backward(...)`` to obtain an extra gradient first (SAM's ascent step);
+    ``state.forward_backward(x, y, sync=True)`` to obtain an extra gradient first (SAM's
+    ascent step); under DDP ``sync=False`` leaves each rank its own gradient (no all-reduce).
     ``state.batch`` is the step's batch.
     """
 

@@ -14,6 +14,8 @@ stays inside the sparse subnetwork; ``perturb_pruned = true`` perturbs every ent
 gradient. ``ρ`` is read from the schedule value ``rho`` when one is scheduled. The engine adds
 ``e`` and restores the weights bit-exactly by copy. With fp16 AMP the ascent gradient is still
 loss-scaled (the direction is scale-invariant) and a non-finite gradient gives no perturbation.
+Under DDP pass 1 runs with ``sync=False`` (inside ``no_sync``): ``e`` comes from each rank's own
+gradient with no all-reduce, as SAM computes it per accelerator (Foret et al., §4.1).
 
 The helpers here (:class:`SharpnessConfig`, :func:`ascent`) are shared with ``s2sam``.
 """
@@ -110,7 +112,7 @@ class SAM:
         for p in named.values():
             p.grad = None
         x, y = state.batch
-        state.forward_backward(x, y)
+        state.forward_backward(x, y, sync=False)  # DDP: this rank's own gradient
         grads = {n: p.grad for n, p in named.items() if p.grad is not None}
         c = self.cfg
         e = ascent(

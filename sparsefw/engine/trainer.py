@@ -171,13 +171,17 @@ class Trainer:
                 return functional_call(model, named, (x,))
             return model(x)
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, sync: bool = True) -> torch.Tensor:
         """Forward, loss and backward into ``.grad`` (accumulating); returns the detached loss.
-        Counts one forward and one backward pass; never syncs with the host."""
-        out = self.forward(x, synced=True)
-        loss = self.state.loss_fn(out.float(), y)
-        self.state.passes["backward"] += 1
-        self.scaler.scale(loss).backward()
+        Counts one forward and one backward pass; never syncs with the host. Under DDP,
+        ``sync=False`` runs both inside ``no_sync``: ``.grad`` is this rank's own gradient."""
+        ddp = getattr(self.forward_model, "_orig_mod", self.forward_model)  # under torch.compile
+        local = not sync and self.dist.enabled
+        with ddp.no_sync() if local else contextlib.nullcontext():
+            out = self.forward(x, synced=True)
+            loss = self.state.loss_fn(out.float(), y)
+            self.state.passes["backward"] += 1
+            self.scaler.scale(loss).backward()
         self._last_logits = out.detach()
         return loss.detach()
 

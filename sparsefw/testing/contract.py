@@ -325,7 +325,7 @@ def make_state(
         effective = masks.effective()
         return functional_call(model, effective, (x,)) if effective else model(x)
 
-    def forward_backward(x, y):
+    def forward_backward(x, y, sync=True):  # one process: ``sync`` has no ranks to reduce over
         loss = state.loss_fn(forward(x).float(), y)
         state.passes["backward"] += 1
         loss.backward()
