@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from sparsefw import config as config_mod
+from sparsefw import distributions, initialisation
 from sparsefw.config import ConfigError
 from sparsefw.engine.rundir import RUN_INFO
 from sparsefw.plugins import build_run, load_catalogue
@@ -78,6 +79,10 @@ def cmd_describe(args) -> int:
     print("\n# call plan (hook: components in call order)")
     for hook, keys in run.call_plan().items():
         print(f"  {hook:<28} {', '.join(keys) if keys else '-'}")
+    sp = cfg.sparsity
+    print("\n# sparsity")
+    print(f"  allocation  {distributions.convention(sp.distribution, sp.er_kernel)}")
+    print(f"  init        {initialisation.DESCRIPTIONS[sp.init]}")
     return 0
 
 

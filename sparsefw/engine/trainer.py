@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from sparsefw import distributions
+from sparsefw import distributions, initialisation
 from sparsefw.config import ConfigError, RunConfig
 from sparsefw.engine import checkpoint, distributed
 from sparsefw.engine.loaders import BatchSource
@@ -104,10 +104,12 @@ class Trainer:
             self.local_model = self.forward_model
 
         sp = cfg.sparsity
-        self.masks = MaskSet(sparsifiable_params(model, sp.dense_layers), kind=sp.kind)
+        self.masks = MaskSet(sparsifiable_params(model, sp.dense_layers, sp.first_layer_dense),
+                             kind=sp.kind)
         shapes = {n: tuple(p.shape) for n, p in self.masks.params.items()}
         if shapes:
-            self.masks.targets = distributions.active_counts(shapes, sp.density, sp.distribution)
+            self.masks.targets = distributions.active_counts(
+                shapes, sp.density, sp.distribution, kernel=sp.er_kernel)
 
         self.steps_per_epoch = len(self.train_source)
         self.steps_per_round = tc.epochs * self.steps_per_epoch
@@ -429,6 +431,7 @@ class Trainer:
                 raise RuntimeError(f"mask_init answer lacks a mask for {name}")
             self.masks.update(name, answer[name])
         self.masks.apply_()
+        initialisation.apply(self.masks, self.cfg.sparsity.init)
         self.masks.refresh_sparse_layers()
         distributed.check_in_sync(self.masks.masks, self.dist, "the initial mask")
 
