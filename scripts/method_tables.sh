@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates the method tables in docs/results/ from the recipes in configs/ on the embedded
-# digits data: every unstructured pipeline and correction at 90% and 98% sparsity, the lottery
-# ticket at about the same two densities, and the N:M recipes at 2:4, 1:8 and 1:16.
+# digits data: every unstructured pipeline and correction at 90% and 98% sparsity (the static
+# control with both [sparsity] init values), the lottery ticket at about the same two
+# densities, and the N:M recipes at 2:4, 1:8 and 1:16.
 # Usage: bash scripts/method_tables.sh [SEEDS] [JOBS]   (about 10 minutes on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ docs=docs/results
 mkdir -p "$docs"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
-sparsefw sweep configs/{static,set,rigl,dsr,mest,itop,granet,magnitude,snip,grasp}.toml \
+sparsefw sweep configs/{static,static_sparse_init,set,rigl,dsr,mest,itop,granet,magnitude,snip,grasp}.toml \
     configs/{agent_rigl,rigl_s2sam,rigl_sam,snip_s2sam}.toml \
     --grid sparsity.density=0.1,0.02 --seeds "$seeds" --jobs "$jobs" \
     --set 'logging.observers=["jsonl"]' --out "$out/unstructured"

@@ -249,3 +249,19 @@ def test_first_layer_dense_in_a_run(make_config, catalogue, tmp_path):
 
 def test_every_built_in_model_has_its_first_layer_listed(catalogue):
     assert set(catalogue.registry.names("model")) == set(FIRST_LAYERS)
+
+
+@pytest.mark.parametrize("recipe", ["imagenet_rigl", "imagenet_set", "imagenet_static"])
+def test_imagenet_recipes_keep_the_stem_dense(catalogue, recipe):
+    from pathlib import Path
+
+    from sparsefw import config as config_mod
+
+    path = Path(__file__).resolve().parent.parent / "configs" / f"{recipe}.toml"
+    cfg, _ = config_mod.load(path, catalogue.registry)
+    sp = cfg.sparsity
+    assert (sp.distribution, sp.density, sp.first_layer_dense) == ("erk", 0.2, True)
+    model = catalogue.registry.get("model", cfg.model.name).factory(
+        cfg.model.options, input_shape=(3, 224, 224), num_classes=1000)
+    params = sparsifiable_params(model, sp.dense_layers, sp.first_layer_dense)
+    assert "conv1.weight" not in params and "layer1.0.conv1.weight" in params
