@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the method tables in docs/results/ from the recipes in configs/ on the embedded
-# digits data: every unstructured pipeline and correction at 90% and 98% sparsity, the lottery
+# digits data: every unstructured pipeline and correction at 90% and 98% sparsity (the static
+# control with both [sparsity] init values), the lottery
 # ticket at about the same two densities, and the N:M recipes at 2:4, 1:8 and 1:16 — then
 # compares each method with its base seed by seed (`sparsefw compare`): every unstructured
 # method against static random sparsity, the corrections and perturbations against the
@@ -19,7 +20,7 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 common=(--seeds "$seeds" --jobs "$jobs" --set 'logging.observers=["jsonl"]')
 compare=(--compute flops)
 
-sparsefw sweep configs/{static,set,rigl,dsr,mest,itop,granet,snfs,magnitude,snip,grasp}.toml \
+sparsefw sweep configs/{static,static_sparse_init,set,rigl,dsr,mest,itop,granet,snfs,magnitude,snip,grasp}.toml \
     configs/{agent_rigl,rigl_s2sam,rigl_sam,snip_s2sam}.toml \
     --grid sparsity.density=0.1,0.02 "${common[@]}" --out "$out/unstructured"
 for base in static rigl snip; do

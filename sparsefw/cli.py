@@ -137,6 +137,12 @@ def cmd_describe(args) -> int:
     print("\n# schedule values (value: produced by -> read by)")
     for line in run.value_flow():
         print(f"  {line}")
+    from sparsefw import distributions, initialisation
+
+    sp = cfg.sparsity
+    print("\n# sparsity")
+    print(f"  allocation  {distributions.convention(sp.distribution, sp.er_kernel)}")
+    print(f"  init        {initialisation.DESCRIPTIONS[sp.init]}")
     return 0
 
 

@@ -38,6 +38,9 @@ from sparsefw.registry import Registry
 #: weights, the forward pass sees ``w ⊙ m``); :class:`sparsefw.masks.MaskSet` implements both.
 #: Defined here, not in :mod:`sparsefw.masks`, so that reading a config needs no torch.
 MASK_KINDS = ("hard", "forward")
+#: the values of ``[sparsity] init`` (:mod:`sparsefw.initialisation` implements them; kept here so
+#: that reading a config needs no torch)
+INITS = ("dense", "sparse_fan_in")
 
 
 class ConfigError(ValueError):
@@ -141,9 +144,20 @@ class SparsityConfig:
 
     density: float = attrs.field(default=1.0, validator=in_range(0, 1))
     distribution: str = attrs.field(default="erk", validator=one_of(*DISTRIBUTIONS))
-    #: fnmatch patterns of parameter or module names kept dense
+    #: ER/ERK: a convolution's kernel size counts in its layer score (false: channels only, as
+    #: google-research/rigl's ``erdos_renyi``); see docs/methods/erk.md
+    er_kernel: bool = True
+    #: fnmatch patterns of parameter or module names kept dense (by default none: every
+    #: Linear/Conv weight is sparsified, the first layer's included)
     dense_layers: tuple[str, ...] = ()
+    #: also keep the model's input layer (its first Linear/Conv: a ResNet's stem, a ViT's patch
+    #: embedding) dense, as google-research/rigl's ImageNet runs do; see docs/methods/erk.md
+    first_layer_dense: bool = False
     kind: str = attrs.field(default="hard", validator=one_of(*MASK_KINDS))
+    #: ``sparse_fan_in``: after ``mask_init``, scale each masked layer's weights for the
+    #: fan-in each unit keeps (Evci et al. 2022, arXiv 2010.03533); ``dense``: as the model
+    #: initialised them
+    init: str = attrs.field(default="dense", validator=one_of(*INITS))
 
 
 @attrs.frozen

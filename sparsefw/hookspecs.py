@@ -113,8 +113,10 @@ def sparsefw_topology_update(state):
     after the schedule hooks, before any forward, for masks computed from the current weights
     alone (N:M recomputation), so that the step's forward and backward see the new mask.
 
-    Edit masks only through ``state.masks.update(name, new_mask)``; the engine then zeroes the
-    new weights' values and optimizer state where the component asks for it. Answer: a
+    Edit masks only through ``state.masks.update(name, new_mask)``. With hard masks the engine
+    then always zeroes the value and every same-shaped optimizer state tensor of each entry whose
+    mask changed (grown entries start at zero with fresh state) and re-applies the masks; forward
+    masks keep the dense weights as they are. Answer: a
     :class:`sparsefw.state.TopologyChange` (dropped and grown counts per layer), or ``None``
     when nothing changed. At most one topology component per run.
     """

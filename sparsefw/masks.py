@@ -28,24 +28,43 @@ _SPARSIFIABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def sparsifiable_params(
-    model: nn.Module, dense_layers: Iterable[str] = ()
+    model: nn.Module, dense_layers: Iterable[str] = (), first_layer_dense: bool = False
 ) -> dict[str, nn.Parameter]:
-    """Weights of Linear/Conv layers, by parameter name, minus those matching ``dense_layers``.
+    """Weights of Linear/Conv layers, by parameter name, minus those matching ``dense_layers``
+    and, with ``first_layer_dense``, minus the first such layer (:func:`first_layer`).
 
     A pattern is an ``fnmatch`` pattern tested against both the parameter name
     (``"fc.weight"``) and its module name (``"fc"``). Biases and normalisation parameters are
     never sparsified.
     """
     patterns = tuple(dense_layers)
+    first = first_layer(model) if first_layer_dense else None
     out: dict[str, nn.Parameter] = {}
-    for mod_name, module in model.named_modules():
-        if not isinstance(module, _SPARSIFIABLE) or module.weight is None:
-            continue
-        name = f"{mod_name}.weight" if mod_name else "weight"
-        if any(fnmatch.fnmatchcase(x, p) for p in patterns for x in (name, mod_name)):
+    for name, mod_name, module in _layers(model):
+        if name == first or any(
+                fnmatch.fnmatchcase(x, p) for p in patterns for x in (name, mod_name)):
             continue
         out[name] = module.weight
     return out
+
+
+def _layers(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """(weight name, module name, module) of every Linear/Conv layer, in module order."""
+    return [(f"{n}.weight" if n else "weight", n, m) for n, m in model.named_modules()
+            if isinstance(m, _SPARSIFIABLE) and m.weight is not None]
+
+
+def first_layer(model: nn.Module) -> str | None:
+    """Weight name of the model's input layer: its first Linear/Conv in module (registration)
+    order — the stem convolution, a ViT's patch embedding, an MLP's first Linear. ``None`` when
+    an ``nn.Embedding`` comes first (a language model's input layer, never sparsified) or the
+    model has no such layer."""
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Embedding):
+            return None
+        if isinstance(m, _SPARSIFIABLE) and m.weight is not None:
+            return f"{n}.weight" if n else "weight"
+    return None
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from sparsefw import distributions
+from sparsefw import distributions, initialisation
 from sparsefw.config import ConfigError, RunConfig, apply_overrides, read_toml, structure
 from sparsefw.engine import distributed
 from sparsefw.masks import MaskSet, sparsifiable_params
@@ -75,9 +75,11 @@ def default_catalogue() -> Catalogue:
 
 def _shortcut_tables(shortcuts: Mapping[str, Any]) -> dict:
     """Keyword shortcuts (``density``, ``distribution``, ``dense_layers``, ``kind``,
-    ``mask_init``, ``topology``) as config tables."""
+    ``first_layer_dense``, ``er_kernel``, ``init``, ``mask_init``, ``topology``) as config
+    tables."""
     out: dict[str, Any] = {}
-    sparsity = {k: shortcuts[k] for k in ("density", "distribution", "dense_layers", "kind")
+    sparsity = {k: shortcuts[k] for k in ("density", "distribution", "dense_layers", "kind",
+                                          "first_layer_dense", "er_kernel", "init")
                 if shortcuts.get(k) is not None}
     if sparsity:
         out["sparsity"] = sparsity
@@ -247,12 +249,14 @@ class Sparsifier:
 
         sp = cfg.sparsity
         in_optimizer = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        params = {n: p for n, p in sparsifiable_params(self.model, sp.dense_layers).items()
+        candidates = sparsifiable_params(self.model, sp.dense_layers, sp.first_layer_dense)
+        params = {n: p for n, p in candidates.items()
                   if p.requires_grad and id(p) in in_optimizer}
         self.masks = MaskSet(params, kind=sp.kind)
         shapes = {n: tuple(p.shape) for n, p in params.items()}
         if shapes:
-            self.masks.targets = distributions.active_counts(shapes, sp.density, sp.distribution)
+            self.masks.targets = distributions.active_counts(
+                shapes, sp.density, sp.distribution, kernel=sp.er_kernel)
 
         self.plugins: RunPlugins = build_run(cfg, self.catalogue, observers=observers)
         topo = self.plugins.topology()
@@ -418,6 +422,7 @@ class Sparsifier:
                 raise RuntimeError(f"mask_init answer lacks a mask for {name}")
             self.masks.update(name, answer[name])
         self.masks.apply_()
+        initialisation.apply(self.masks, self.cfg.sparsity.init)
         self.masks.refresh_sparse_layers()
         distributed.check_in_sync(self.masks.masks, self.dist, "the initial mask")
 

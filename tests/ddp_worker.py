@@ -8,6 +8,7 @@ import sys
 import attrs
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from sparsefw import config as config_mod
 from sparsefw.engine import train
@@ -45,11 +46,70 @@ class KillAt(Exception):
     pass
 
 
-def run(rank: int, world: int, port: int, raw: dict, out: str, resume: str | None,
-        kill_at: int | None) -> None:
+def _setup(rank: int, world: int, port: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+
+
+def sam_epsilon(rank: int, world: int, port: int, raw: dict, out: str) -> None:
+    """One SAM step under DDP. Saves the ε the model saw in pass 2 (its weights then minus the
+    weights of pass 1) and the ε computed by hand from this rank's own gradient on its shard of
+    the batch: ``ρ·ĝ/‖ĝ‖``, ``ĝ`` the gradient masked by the hard masks, the norm over all
+    parameters."""
+    _setup(rank, world, port)
+    from sparsefw.engine.trainer import Trainer
+
+    catalogue = load_catalogue(autoload=False)
+    cfg = config_mod.structure(raw, catalogue.registry)
+    record: dict = {}
+    try:
+        trainer = Trainer(cfg, catalogue, run_dir=out, raw_config=raw)
+        model = trainer.model
+
+        def pass_two(module, _args):
+            if "before" in record and "seen" not in record:
+                record["seen"] = {n: p.detach() - record["before"][n]
+                                  for n, p in module.named_parameters()}
+
+        model.register_forward_pre_hook(pass_two)
+        engine_pass = trainer.sparsifier._run_closure
+
+        def first_pass(closure, *, sync=True):
+            if "before" not in record:  # step 0, SAM's pass 1: this rank's gradient
+                x, y = trainer.state.batch
+                ref = {n: p.detach().clone().requires_grad_()
+                       for n, p in model.named_parameters()}
+                loss = F.cross_entropy(torch.func.functional_call(model, ref, (x,)), y)
+                grads = dict(zip(ref, torch.autograd.grad(loss, list(ref.values())), strict=True))
+                for n, m in trainer.masks.masks.items():
+                    grads[n] = grads[n] * m
+                norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))
+                rho = cfg.perturb[0].options.rho
+                record["expected"] = {n: (rho * g.double() / norm).float()
+                                      for n, g in grads.items()}
+                record["sync"] = sync
+                loss = engine_pass(closure, sync=sync)
+                record["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+                return loss
+            return engine_pass(closure, sync=sync)
+
+        trainer.sparsifier._run_closure = first_pass
+        trainer.fit()
+        del record["before"]
+        torch.save(record, os.path.join(out, f"eps{rank}.pt"))
+    except Exception as exc:  # report to the parent through a file
+        with open(os.path.join(out, f"error{rank}.txt"), "w") as f:
+            f.write(f"{type(exc).__name__}: {exc}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.stdout.flush()
+
+
+def run(rank: int, world: int, port: int, raw: dict, out: str, resume: str | None,
+        kill_at: int | None) -> None:
+    _setup(rank, world, port)
     catalogue = load_catalogue(autoload=False, extra=[("desync", DesyncPlugin())])
     cfg = config_mod.structure(raw, catalogue.registry)
     try:

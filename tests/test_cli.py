@@ -143,3 +143,17 @@ def test_train_prints_final_accuracy(tmp_path, capsys):
     acc = float(final.split(":")[1].split()[0])
     assert 0.0 <= acc <= 1.0 and "density 0.1000" in final
     assert (run_dir / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("over,allocation,init", [
+    ([], "erk, er_kernel = true: Σ dims / Π dims", "dense: "),
+    (["sparsity.distribution='er'", "sparsity.er_kernel=false", "sparsity.init='sparse_fan_in'"],
+     "er, er_kernel = false: channels only", "sparse_fan_in: "),
+])
+def test_describe_shows_the_er_convention_and_init(capsys, over, allocation, init):
+    sets = [x for o in over for x in ("--set", o)]
+    assert main(["describe", str(QUICKSTART), *sets]) == 0
+    section = capsys.readouterr().out.split("# sparsity\n")[1]
+    lines = dict(line.split(None, 1) for line in section.splitlines() if line.strip())
+    assert lines["allocation"].startswith(allocation)
+    assert lines["init"].startswith(init)

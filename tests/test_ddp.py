@@ -162,3 +162,33 @@ def test_users_ddp_loop_with_a_sparsifier_keeps_ranks_in_sync_and_sam_local(tmp_
             torch.testing.assert_close(e, local[n], rtol=1e-5, atol=1e-7)
     averaged = first_eps([a["batches"][0], b["batches"][0]])  # what an all-reduce would give
     assert not torch.allclose(a["eps"][0]["0.weight"], averaged["0.weight"])
+
+
+def test_sam_ascent_uses_each_ranks_own_gradient(catalogue, tmp_path):
+    """SAM's pass 1 runs under DDP's ``no_sync``: on each rank the perturbation the model sees in
+    pass 2 is ε = ρ·g/‖g‖ of that rank's own gradient (not of the all-reduced one), so the two
+    ranks' ε differ; the update itself is still synchronised (the weights agree)."""
+    raw = merge(TINY, {
+        "train": {"epochs": 1, "batch_size": 16, "max_steps": 1},
+        "data": {"n_train": 64},
+        "perturb": [{"name": "sam", "rho": 0.05}],
+    })
+    ctx = mp.get_context("spawn")
+    port = _port()
+    procs = [ctx.Process(target=ddp_worker.sam_epsilon, args=(r, 2, port, raw, str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    errors = [e.read_text() for e in tmp_path.glob("error*.txt")]
+    assert not errors, errors
+    eps = [torch.load(tmp_path / f"eps{r}.pt", weights_only=False) for r in range(2)]
+    for rec in eps:
+        assert rec["sync"] is False
+        assert set(rec["seen"]) == set(rec["expected"])
+        for n, e in rec["expected"].items():
+            torch.testing.assert_close(rec["seen"][n], e, rtol=1e-4, atol=1e-6)
+    # the ranks' shards differ, so their ε differ (an all-reduced gradient gives one ε)
+    assert any(not torch.allclose(eps[0]["seen"][n], eps[1]["seen"][n], atol=1e-4)
+               for n in eps[0]["seen"])

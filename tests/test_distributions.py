@@ -46,9 +46,81 @@ def test_erk_makes_small_layers_dense_and_resolves():
     assert dens["big"] == pytest.approx((0.5 * 10004 - 4) / 10000)
 
 
-def test_conv_scores_use_kernel_dims():
-    assert distributions._raw_score((8, 4, 3, 3), "erk") == pytest.approx(18 / 288)
-    assert distributions._raw_score((8, 4, 3, 3), "er") == pytest.approx((36 + 8) / (36 * 8))
+def test_conv_scores_by_hand():
+    # (c_out, c_in, h, w) = (8, 4, 3, 3): ERK Σ/Π = 18/288; ER with the kernel folded into n_in
+    # = (36 + 8)/(36·8); without the kernel both are (4 + 8)/(4·8)
+    assert distributions.raw_score((8, 4, 3, 3), "erk") == pytest.approx(18 / 288)
+    assert distributions.raw_score((8, 4, 3, 3), "er") == pytest.approx((36 + 8) / (36 * 8))
+    for method in ("er", "erk"):
+        assert distributions.raw_score((8, 4, 3, 3), method, kernel=False) == pytest.approx(12 / 32)
+        # a Linear layer scores the same under all four
+        assert distributions.raw_score((10, 8), method, kernel=False) == pytest.approx(18 / 80)
+        assert distributions.raw_score((10, 8), method) == pytest.approx(18 / 80)
+
+
+def rigl_sparsities(tf_shapes, sparsity, include_kernel):
+    """Independent port of google-research/rigl ``sparse_utils.get_sparsities_erdos_renyi``
+    (no custom sparsity map, ``erk_power_scale`` 1) on TensorFlow kernel shapes — conv
+    ``(h, w, c_in, c_out)``, dense ``(n_in, n_out)``; returns a *sparsity* per layer. Every layer
+    at the maximal raw probability is made dense while ε·max > 1; ε balances the ones kept by the
+    sparse layers against the zeros the dense layers lack."""
+    dense = set()
+    while True:
+        rhs, divisor, raw = 0.0, 0.0, {}
+        for name, shape in tf_shapes.items():
+            n = math.prod(shape)
+            if name in dense:
+                rhs -= n * sparsity
+                continue
+            rhs += n * (1 - sparsity)
+            if include_kernel:
+                raw[name] = sum(shape) / n
+            else:
+                n_in, n_out = shape[-2:]
+                raw[name] = (n_in + n_out) / (n_in * n_out)
+            divisor += raw[name] * n
+        eps = rhs / divisor
+        top = max(raw.values())
+        if top * eps <= 1:
+            break
+        dense |= {name for name, r in raw.items() if r == top}
+    return {name: 0.0 if name in dense else 1 - eps * raw[name] for name in tf_shapes}
+
+
+def to_tf(shape):
+    """PyTorch weight shape -> TensorFlow kernel shape."""
+    if len(shape) == 4:
+        c_out, c_in, h, w = shape
+        return (h, w, c_in, c_out)
+    return tuple(reversed(shape))
+
+
+@given(sst.shape_dicts(max_features=64, max_channels=64), sst.densities(max_value=0.99),
+       st.booleans())
+def test_er_and_erk_match_rigl(shapes, density, kernel):
+    """``erk`` with the kernel is rigl's ``include_kernel=True``; ``er`` without it (and ``erk``
+    without it) is ``include_kernel=False``."""
+    expected = rigl_sparsities({n: to_tf(s) for n, s in shapes.items()}, 1 - density, kernel)
+    methods = ["erk"] if kernel else ["er", "erk"]
+    for method in methods:
+        dens = allocate(shapes, density, method, kernel=kernel)
+        for n in shapes:
+            assert dens[n] == pytest.approx(1 - expected[n], rel=1e-9, abs=1e-12), (method, n)
+
+
+def test_resnet32_stem_under_the_two_er_conventions():
+    """The review's numbers: on ResNet-32 at d = 0.1 the stem's ER density is 0.419 with the
+    kernel folded into n_in and 0.914 with channels only (rigl's ``erdos_renyi``)."""
+    from sparsefw.models.resnet_cifar import ResNetCifarConfig, build_resnet32
+
+    model = build_resnet32(ResNetCifarConfig(), input_shape=(3, 32, 32), num_classes=10)
+    shapes = {n: tuple(p.shape) for n, p in sparsifiable_params(model).items()}
+    stem = next(iter(shapes))
+    with_kernel = allocate(shapes, 0.1, "er")[stem]
+    channels = allocate(shapes, 0.1, "er", kernel=False)[stem]
+    assert (round(with_kernel, 3), round(channels, 3)) == (0.419, 0.914)
+    tf = {n: to_tf(s) for n, s in shapes.items()}
+    assert channels == pytest.approx(1 - rigl_sparsities(tf, 0.9, False)[stem])
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.01])
@@ -139,3 +211,57 @@ def test_dense_layers_stay_dense_in_a_run(make_config, catalogue, tmp_path):
     assert torch.count_nonzero(head) == head.numel()
     assert metrics["density"] == pytest.approx(trainer.masks.targets["1.weight"] / (16 * 8))
 
+
+
+#: built-in model -> its input layer (what ``first_layer_dense`` keeps dense); docs/methods/erk.md
+FIRST_LAYERS = {
+    "mlp": "1.weight", "lenet5": "features.0.weight", "resnet20": "stem.0.0.weight",
+    "resnet32": "stem.0.0.weight", "resnet56": "stem.0.0.weight", "wrn": "stem.weight",
+    "vgg16": "features.0.0.weight", "vgg19": "features.0.0.weight", "vit": "patch_embed.weight",
+    "torchvision": "conv1.weight", "torchvision_vit": "conv_proj.weight", "gpt": None,
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIRST_LAYERS))
+def test_first_layer_of_each_built_in_model(catalogue, name):
+    from sparsefw import config as config_mod
+    from sparsefw.masks import first_layer
+
+    entry = catalogue.registry.get("model", name)
+    options = config_mod.CONVERTER.structure({}, entry.config)
+    shape = (64,) if name == "gpt" else (1, 8, 8) if name == "mlp" else (3, 32, 32)
+    model = entry.factory(options, input_shape=shape, num_classes=10)
+    assert first_layer(model) == FIRST_LAYERS[name]
+    every = sparsifiable_params(model)
+    kept = sparsifiable_params(model, first_layer_dense=True)
+    assert set(every) - set(kept) == ({FIRST_LAYERS[name]} if FIRST_LAYERS[name] else set())
+
+
+def test_first_layer_dense_in_a_run(make_config, catalogue, tmp_path):
+    cfg, _ = make_config(sparsity={"density": 0.3, "first_layer_dense": True},
+                         train={"epochs": 1})
+    trainer = Trainer(cfg, catalogue, run_dir=tmp_path)
+    trainer.fit()
+    assert trainer.masks.names == ["3.weight"]
+    first = trainer.model.get_parameter("1.weight")
+    assert torch.count_nonzero(first) == first.numel()
+
+
+def test_every_built_in_model_has_its_first_layer_listed(catalogue):
+    assert set(catalogue.registry.names("model")) == set(FIRST_LAYERS)
+
+
+@pytest.mark.parametrize("recipe", ["imagenet_rigl", "imagenet_set", "imagenet_static"])
+def test_imagenet_recipes_keep_the_stem_dense(catalogue, recipe):
+    from pathlib import Path
+
+    from sparsefw import config as config_mod
+
+    path = Path(__file__).resolve().parent.parent / "configs" / f"{recipe}.toml"
+    cfg, _ = config_mod.load(path, catalogue.registry)
+    sp = cfg.sparsity
+    assert (sp.distribution, sp.density, sp.first_layer_dense) == ("erk", 0.2, True)
+    model = catalogue.registry.get("model", cfg.model.name).factory(
+        cfg.model.options, input_shape=(3, 224, 224), num_classes=1000)
+    params = sparsifiable_params(model, sp.dense_layers, sp.first_layer_dense)
+    assert "conv1.weight" not in params and "layer1.0.conv1.weight" in params

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sparsefw import distributions
-from sparsefw.config import ConfigError
+from sparsefw.config import ConfigError, SparsityConfig
 from sparsefw.engine import Trainer
 from sparsefw.masks import MaskSet, sparsifiable_params
 from sparsefw_plugins.mask_init.lottery import LotteryConfig, LotteryTicket, kept_count
@@ -38,7 +38,7 @@ def fake_state(model, distribution="uniform"):
     return SimpleNamespace(
         model=model, masks=masks, device=torch.device("cpu"), step=0, steps_per_round=10,
         generator=torch.Generator().manual_seed(0),
-        config=SimpleNamespace(sparsity=SimpleNamespace(density=1.0, distribution=distribution)),
+        config=SimpleNamespace(sparsity=SparsityConfig(density=1.0, distribution=distribution)),
     )
 
 

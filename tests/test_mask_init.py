@@ -19,6 +19,7 @@ from torch import nn
 from torch.func import functional_call
 
 from sparsefw import distributions
+from sparsefw.config import SparsityConfig
 from sparsefw.engine import Trainer
 from sparsefw.masks import MaskSet, sparsifiable_params
 from sparsefw.scoring import (
@@ -43,7 +44,7 @@ def fake_state(model: nn.Module, density: float, distribution: str = "uniform", 
     masks = MaskSet(sparsifiable_params(model))
     shapes = {n: tuple(p.shape) for n, p in masks.params.items()}
     masks.targets = distributions.active_counts(shapes, density, distribution)
-    sparsity = SimpleNamespace(density=density, distribution=distribution)
+    sparsity = SparsityConfig(density=density, distribution=distribution)
     return SimpleNamespace(
         model=model, masks=masks, config=SimpleNamespace(sparsity=sparsity),
         loss_fn=F.cross_entropy, forward=model, device=torch.device("cpu"),

@@ -39,7 +39,7 @@ def quad_state(w, a=1.0, b=4.0, mask=(True, True)):
     masks.update("w", torch.tensor(mask))
     passes = {"forward": 0, "backward": 0}
 
-    def forward_backward(x, y):
+    def forward_backward(x, y, sync=True):
         passes["forward"] += 1
         passes["backward"] += 1
         loss = 0.5 * (coeff * model(x) ** 2).sum()

@@ -19,7 +19,7 @@ from sparsefw.topology import cosine_fraction, reallocate, select_per_segment
 from sparsefw_plugins.topology.dsr import DSR, DSRConfig
 from sparsefw_plugins.topology.granet import GraNet, GraNetConfig, cubic_density
 from sparsefw_plugins.topology.itop import ITOP, ITOPConfig
-from sparsefw_plugins.topology.mest import MEST, MESTConfig, mutation_ratio
+from sparsefw_plugins.topology.mest import MEST, MESTConfig, mutation_ratio, scaled_ratio
 from sparsefw_plugins.topology.rigl import RigL, RigLConfig
 from sparsefw_plugins.topology.set import SET, SETConfig
 from sparsefw_plugins.topology.static import StaticConfig, StaticTopology
@@ -183,6 +183,24 @@ def test_mest_elastic_mutation_ratio_steps():
     assert float(st.metrics["topology/drop_fraction"]) == pytest.approx(0.2)
     with pytest.raises(ValueError):
         MESTConfig(mutation_ratios=(0.2,), milestones=(0.5,))
+
+
+def test_mest_ratios_scaled_with_density_by_hand():
+    # written for d = 0.1: at d = 0.05 the reference's 0.02/0.01 sparsity points of all weights
+    # are 0.4/0.2 of the active ones; at d = 0.02, 1.0 (capped) and 0.5; at d = 0.2, 0.1/0.05
+    assert scaled_ratio(0.2, 0.1, 0.05) == pytest.approx(0.4)
+    assert scaled_ratio(0.1, 0.1, 0.02) == pytest.approx(0.5)
+    assert scaled_ratio(0.2, 0.1, 0.02) == 1.0
+    assert scaled_ratio(0.2, 0.1, 0.2) == pytest.approx(0.1)
+    layer = {"a": ([float(i) for i in range(1, 11)], [1] * 10, None)}
+    for ratio_density, density, expected in ((None, 0.05, 0.2), (0.1, 0.05, 0.4),
+                                             (0.1, 0.1, 0.2)):
+        st = fake_state(layer, step=10, total=100, density=density)
+        update(MEST(MESTConfig(ratio_density=ratio_density)), st)
+        assert float(st.metrics["topology/drop_fraction"]) == pytest.approx(expected)
+    st = fake_state(layer, step=80, total=100, density=0.05)  # the last phase mutates nothing
+    update(MEST(MESTConfig(ratio_density=0.1)), st)
+    assert float(st.metrics["topology/drop_fraction"]) == 0.0
 
 
 # ------------------------------------------------------------------------------ DSR

@@ -24,7 +24,7 @@ from sparsefw.topology import select_per_segment
 from sparsefw_plugins.topology.dsr import DSR, DSRConfig
 from sparsefw_plugins.topology.granet import GraNet, GraNetConfig
 from sparsefw_plugins.topology.itop import ITOP, ITOPConfig
-from sparsefw_plugins.topology.mest import MEST, MESTConfig
+from sparsefw_plugins.topology.mest import MEST, MESTConfig, scaled_ratio
 from sparsefw_plugins.topology.rigl import RigL, RigLConfig
 from sparsefw_plugins.topology.set import SET, SETConfig
 
@@ -299,3 +299,11 @@ def test_topk_selection_equals_the_stable_sort(n, k, levels, seed, largest, neg)
     by_sort = select_per_segment([scores], [cand], torch.tensor([k]), largest=largest)[0]
     by_topk = select_per_segment([scores], [cand], [k], largest=largest)[0]
     assert torch.equal(by_sort, by_topk)
+
+
+@given(st.floats(0, 1), st.floats(0.001, 1), st.floats(0.001, 1))
+def test_scaled_mest_ratio_keeps_the_share_of_all_weights(ratio, written_for, density):
+    r = scaled_ratio(ratio, written_for, density)
+    assert 0 <= r <= 1
+    if r < 1:  # the share of all weights mutated is the reference's
+        assert r * density == pytest.approx(ratio * written_for)

@@ -4,10 +4,11 @@ CVPR 2022, arXiv 2203.15794).
 Periodic channel pruning and regrowing during training. Every ``every`` steps in
 ``[start, end)``:
 
-1. **Layer budgets** (sub-model structure exploration): ``K = round((1 − s)·C)`` channels are
+1. **Layer budgets** (sub-model structure exploration): ``K = C − round(s·C)`` channels are
    kept in all; with ``allocation = "bn"`` they go to the alive channels of largest BatchNorm
    ``|γ|`` over all layers (each layer first keeps its ``ceil(min_channel_ratio·C_l)`` best),
-   giving ``κ_l`` per layer; ``"uniform"`` keeps ``round((1 − s)·C_l)`` per layer.
+   giving ``κ_l`` per layer; ``"uniform"`` keeps ``C_l − round(s·C_l)`` per layer (at least
+   ``ceil(min_channel_ratio·C_l)``).
 2. **Prune** (column subset selection): in each layer, keep the ``κ_l`` alive channels of largest
    leverage score ``ℓ_c = ‖U_κ[c, :]‖²`` where ``W = U Σ Vᵀ`` is the SVD of the layer's alive
    filters as rows (``C_out × C_in·k·k``); when ``κ_l`` exceeds the rank bound the score falls

@@ -104,8 +104,9 @@ class LotteryTicket:
             masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
         else:
             shapes = {n: tuple(p.shape) for n, p in params.items()}
+            sp = state.config.sparsity
             counts = distributions.active_counts(
-                shapes, self.cfg.start_density, state.config.sparsity.distribution
+                shapes, self.cfg.start_density, sp.distribution, kernel=sp.er_kernel
             )
             masks = {
                 n: topk_mask(torch.rand(p.shape, generator=state.generator, device=state.device),

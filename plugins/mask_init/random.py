@@ -37,8 +37,9 @@ class RandomMaskInit:
         counts = state.masks.targets
         if self.cfg.density is not None:
             shapes = {n: tuple(p.shape) for n, p in state.masks.params.items()}
-            dist = state.config.sparsity.distribution
-            counts = distributions.active_counts(shapes, self.cfg.density, dist)
+            sp = state.config.sparsity
+            counts = distributions.active_counts(shapes, self.cfg.density, sp.distribution,
+                                                 kernel=sp.er_kernel)
         out = {}
         for name, p in state.masks.params.items():
             scores = torch.rand(p.shape, generator=state.generator, device=state.device)

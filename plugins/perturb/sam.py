@@ -16,6 +16,8 @@ stays inside the sparse subnetwork; ``perturb_pruned = true`` perturbs every ent
 gradient. ``ρ`` is read from the schedule value ``rho`` when one is scheduled. The engine adds
 ``e`` and restores the weights bit-exactly by copy. With fp16 AMP the ascent gradient is still
 loss-scaled (the direction is scale-invariant) and a non-finite gradient gives no perturbation.
+Under DDP pass 1 runs with ``sync=False`` (inside ``no_sync``): ``e`` comes from each rank's own
+gradient with no all-reduce, as SAM computes it per accelerator (Foret et al., §4.1).
 
 The helpers here (:class:`SharpnessConfig`, :func:`ascent`) are shared with ``s2sam``.
 """

@@ -14,6 +14,13 @@ The mutation ratio r_t follows ``variant``:
   and 120 of 160 — expressed as the share of active weights mutated per update;
 * ``"plain"``: ``drop_fraction`` with the ``decay`` of the drop-and-grow options.
 
+The reference states its schedule as lower-bound sparsities, i.e. offsets in sparsity points
+(0.02, 0.01, 0 of *all* weights); as shares of the active weights these are the 90%-sparsity
+values. With ``ratio_density`` set (0.1 for the defaults), the ``"em"`` ratios are rescaled to
+the run's global density d so that the offsets stay the reference's:
+``r_t = min(1, mutation_ratios[i] · ratio_density / d)``. Unset (the default), the ratios are
+used as written at every density.
+
 A ``drop_fraction`` schedule value, when provided, replaces both.
 """
 
@@ -44,6 +51,9 @@ class MESTConfig(DropGrowConfig):
     grad_weight: float = attrs.field(default=0.1, validator=in_range(0, lo_open=False))
     mutation_ratios: tuple[float, ...] = attrs.field(default=(0.2, 0.1, 0.0), validator=_ratios)
     milestones: tuple[float, ...] = (0.5625, 0.75)
+    #: the density ``mutation_ratios`` were written for (0.1 for the defaults); when set, each
+    #: ratio r becomes min(1, r · ratio_density / d) at the run's density d (unset: as written)
+    ratio_density: float | None = attrs.field(default=None, validator=in_range(0, 1))
 
     def __attrs_post_init__(self):
         if len(self.mutation_ratios) != len(self.milestones) + 1:
@@ -75,13 +85,22 @@ class MEST(DropGrow):
         if c.variant == "plain" or "drop_fraction" in state.values:
             return super().drop_fraction(state)
         frac = state.step / max(state.total_steps, 1)
-        return mutation_ratio(c.mutation_ratios, c.milestones, frac)
+        ratio = mutation_ratio(c.mutation_ratios, c.milestones, frac)
+        if c.ratio_density is None:
+            return ratio
+        return scaled_ratio(ratio, c.ratio_density, state.config.sparsity.density)
 
 
 def mutation_ratio(ratios, milestones, frac: float) -> float:
     """The elastic-mutation ratio at training fraction ``frac``."""
     i = sum(1 for m in milestones if frac >= m)
     return float(ratios[i])
+
+
+def scaled_ratio(ratio: float, written_for: float, density: float) -> float:
+    """``ratio`` (a share of the active weights at density ``written_for``) at ``density``: the
+    same share of all weights, ``ratio · written_for / density``, at most 1."""
+    return min(1.0, ratio * written_for / density)
 
 
 @hookimpl

@@ -1,5 +1,11 @@
 """Optimizers (SGD with momentum/Nesterov/weight decay, AdamW) and learning-rate multipliers
-(constant, cosine, step, linear, each with optional linear warm-up), stepped once per step."""
+(constant, cosine, step, linear, each with optional linear warm-up), stepped once per step.
+
+AdamW keeps one step count per tensor (PyTorch's ``state["step"]``), not per entry. A weight
+grown by a topology update starts with zero moments (the engine zeroes them) while its tensor's
+count t is large, so bias correction no longer scales its moments up: its first update is
+``lr·(1 − β₁)g / √((1 − β₂)g²) ≈ 3.2·lr`` for β = (0.9, 0.999), against about ``lr`` for a weight
+present from the first step. The references share this; see ``docs/methods/set.md``."""
 
 from __future__ import annotations
 

@@ -137,10 +137,12 @@ class Trainer:
         model = self.forward_model if synced else self.local_model
         return self.sparsifier.forward(x, model=model)
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, sync: bool = True
+                         ) -> torch.Tensor:
         """Forward, loss and backward into ``.grad`` (accumulating) through the DDP-wrapped
-        model; returns the detached loss. Counts one forward and one backward pass."""
-        return self.sparsifier.forward_backward(x, y)
+        model; returns the detached loss. Counts one forward and one backward pass. Under DDP,
+        ``sync=False`` runs both inside ``no_sync``: ``.grad`` is this rank's own gradient."""
+        return self.sparsifier.forward_backward(x, y, sync=sync)
 
     # ------------------------------------------------------------------ one step
     def topology_due(self) -> bool:
