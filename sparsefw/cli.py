@@ -1,5 +1,9 @@
 """The ``sparsefw`` command: ``train``, ``plugins`` and ``describe``, plus one sub-command per
-module of :mod:`sparsefw.commands` (each defines ``register(subparsers)``)."""
+module of :mod:`sparsefw.commands` (each defines ``register(subparsers)``).
+
+Exit codes: 0 done; 1 a file could not be written (disk full, read-only, …); 2 bad input (a
+config, a run directory, a checkpoint: the message says which file and what); 3 training
+diverged (non-finite loss, gradient or weights; the last good checkpoint is kept)."""
 
 from __future__ import annotations
 
@@ -11,8 +15,17 @@ import sys
 from pathlib import Path
 
 from sparsefw import config as config_mod
+from sparsefw.commands import TRUST_HELP
 from sparsefw.config import ConfigError
-from sparsefw.engine.rundir import RUN_INFO
+from sparsefw.engine.checkpoint import CheckpointError, CheckpointWriteError
+from sparsefw.engine.guard import Diverged
+from sparsefw.engine.rundir import (
+    RUN_INFO,
+    RunDirError,
+    claim,
+    read_run_info,
+    resume_differences,
+)
 from sparsefw.plugins import build_run, load_catalogue
 
 
@@ -28,22 +41,36 @@ def cmd_train(args) -> int:
 
     catalogue = load_catalogue()
     if args.resume:
-        info_path = Path(args.resume) / RUN_INFO
-        if not info_path.exists():
-            raise ConfigError([f"--resume {args.resume}: no {RUN_INFO} in that directory"])
-        raw = json.loads(info_path.read_text())["raw_config"]
+        if args.run_dir is not None:
+            raise RunDirError("--resume RUN_DIR continues the run in RUN_DIR: --run-dir is "
+                              "not taken with it")
+        info = read_run_info(args.resume)
+        raw, source = info["raw_config"], str(Path(args.resume) / RUN_INFO)
+        differences = []
         if args.config is not None:
             _, given = _load(args, catalogue)
             if given != raw:
-                raise ConfigError([f"--resume {args.resume}: {args.config} (with --set) differs "
-                                   f"from the run's recorded config; resume with no CONFIG"])
-        cfg = config_mod.structure(raw, catalogue.registry, source=str(info_path))
-        source = str(info_path)
+                differences.append(f"{args.config} (with --set) differs from the run's "
+                                   f"recorded config")
+                if args.force:
+                    raw, source = given, args.config
+        cfg = config_mod.structure(raw, catalogue.registry, source=source)
+        differences += resume_differences(info, cfg, catalogue)
+        if differences and not args.force:
+            raise RunDirError("\n".join(
+                [f"--resume {args.resume}: refusing to continue a run whose code or config "
+                 f"changed (it would not reproduce the run; --force continues anyway):",
+                 *(f"  - {d}" for d in differences)]))
+        for d in differences:
+            print(f"sparsefw: warning: --force: {d}", file=sys.stderr)
     else:
         cfg, raw = _load(args, catalogue)
         source = args.config
+        if args.run_dir is not None:
+            claim(args.run_dir)
     trainer, metrics = train(cfg, catalogue, run_dir=args.run_dir, raw_config=raw,
-                             resume=args.resume, config_source=source)
+                             resume=args.resume, config_source=source,
+                             trust_checkpoint=args.trust_checkpoint)
     print(f"run directory: {trainer.run_dir}")
     print(f"final test accuracy: {metrics['test/acc']:.4f}  (density {metrics['density']:.4f}, "
           f"{trainer.state.step} steps)")
@@ -93,7 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    p.add_argument("--run-dir", help="write the run here instead of out_dir/<name>-<time>")
+    p.add_argument("--run-dir", help="write the run here instead of out_dir/<name>-<time> "
+                                     "(a new or empty directory)")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: continue even though the config, the sparsefw revision "
+                        "or a component's version differs from the run's")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("plugins", help="list every component by slot with its source")
@@ -114,12 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, RunDirError, CheckpointError, FileNotFoundError) as e:
         print(f"sparsefw: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except Diverged as e:
         print(f"sparsefw: {e}", file=sys.stderr)
-        return 2
+        return 3
+    except CheckpointWriteError as e:
+        print(f"sparsefw: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

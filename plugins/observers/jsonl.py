@@ -32,7 +32,8 @@ class JsonlObserver:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by a kill
-                if record.get("step", 0) <= state.step:
+                step = record.get("step", 0) if isinstance(record, dict) else 0
+                if not isinstance(step, (int, float)) or step <= state.step:  # foreign: kept
                     kept.append(line)
             text = "".join(f"{line}\n" for line in kept).encode()
             atomic_write(path, lambda f: f.write(text))
