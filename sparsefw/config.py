@@ -1,6 +1,7 @@
 """Run configuration: TOML files structured into frozen attrs classes by one cattrs converter.
 
-* ``extends = "base.toml"`` (relative to the file) merges a base file under this one: tables merge
+* ``extends = "base.toml"`` (a path relative to the file's directory; ``..`` may reach up, an
+  absolute path is refused) merges a base file under this one: tables merge
   key by key, anything else (values, arrays of tables) is replaced.
 * ``--set section.key=value`` overrides are applied after ``extends``; the value is parsed as a
   TOML value and falls back to a plain string.
@@ -452,9 +453,10 @@ def read_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if not isinstance(base, str) or not base or "\0" in base:
         raise ConfigError([f"{path}: extends must be a path string, got {short(base)}"])
     rel = Path(base)
-    if rel.is_absolute() or ".." in rel.parts:
-        raise ConfigError([f"{path}: extends = {short(base)} must be relative to this file's "
-                           f"directory and stay inside it (no absolute path, no '..')"])
+    if rel.is_absolute() or base.startswith("~"):
+        raise ConfigError([f"{path}: extends = {short(base)} must be a path relative to this "
+                           f"file's directory (an absolute path would tie the config to one "
+                           f"machine)"])
     return merge_tables(read_toml(path.parent / rel, (*_seen, path)), data)
 
 

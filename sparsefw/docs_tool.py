@@ -305,7 +305,7 @@ def generate_reference(catalogue=None) -> str:
         "| key | type | default | description |",
         "|---|---|---|---|",
         "| `seed` | `int` | `0` | seeds the model, the data order and `state.generator` |",
-        "| `extends` | `str` | *unset* | a base config, relative to this file (in its directory or below: no absolute path, no `..`) |",
+        "| `extends` | `str` | *unset* | a base config, relative to this file's directory (`../base.toml` reaches up; absolute paths are refused) |",
         "",
     ]
     for section, cls in config_mod.PLAIN_SECTIONS.items():

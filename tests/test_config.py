@@ -141,13 +141,13 @@ def test_int_is_accepted_where_a_float_is_expected(catalogue):
 
 # ------------------------------------------------------------------------------ extends
 def test_extends_merges_tables_relative_to_the_file(tmp_path, catalogue):
-    write(tmp_path / "exp" / "base" / "root.toml", """
+    write(tmp_path / "base" / "root.toml", """
         seed = 7
         [train]
         epochs = 5
         batch_size = 32
         """)
-    write(tmp_path / "exp" / "base" / "mid.toml", """
+    write(tmp_path / "base" / "mid.toml", """
         extends = "root.toml"
         [train]
         batch_size = 16
@@ -155,7 +155,7 @@ def test_extends_merges_tables_relative_to_the_file(tmp_path, catalogue):
         name = "constant"
         """)
     child = write(tmp_path / "exp" / "child.toml", """
-        extends = "base/mid.toml"
+        extends = "../base/mid.toml"
         [train]
         epochs = 2
         [[schedule]]
@@ -175,7 +175,7 @@ def test_extends_merges_tables_relative_to_the_file(tmp_path, catalogue):
 
 def test_extends_loop_is_detected(tmp_path):
     write(tmp_path / "a.toml", 'extends = "b.toml"\n')
-    write(tmp_path / "b.toml", 'extends = "./a.toml"\n')
+    write(tmp_path / "b.toml", 'extends = "sub/../a.toml"\n')
     (problem,) = problems_of(config.read_toml, tmp_path / "a.toml")
     assert "extends loops: a.toml -> b.toml -> a.toml" in problem
     write(tmp_path / "self.toml", 'extends = "self.toml"\n')

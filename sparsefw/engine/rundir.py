@@ -168,14 +168,27 @@ def read_run_info(run_dir: str | Path, *, missing_ok: bool = False) -> dict[str,
     return info
 
 
+def _differences(then: Any, now: Any, where: str = "") -> list[str]:
+    """``key: run X, now Y`` for every leaf where two plain-data trees differ."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        out = []
+        for k in [*then, *(k for k in now if k not in then)]:
+            out += _differences(then.get(k), now.get(k), f"{where}.{k}" if where else str(k))
+        return out
+    if then != now:
+        return [f"{where or '(top)'}: run {json.dumps(then)[:80]}, now {json.dumps(now)[:80]}"]
+    return []
+
+
 def resume_differences(info: dict[str, Any], cfg: RunConfig, catalogue) -> list[str]:
     """What differs between the run recorded in ``info`` and this process resuming it with
     ``cfg``: the resolved config, the sparsefw revision, library versions and component
     versions. Empty when the resume reproduces the run."""
     out = []
     recorded = info.get("config")
-    if recorded is not None and recorded != json.loads(json.dumps(to_dict(cfg), default=str)):
-        out.append("the resolved config differs from the one in run.json")
+    if recorded is not None:
+        now = json.loads(json.dumps(to_dict(cfg), default=str))
+        out.extend(f"config {d}" for d in _differences(recorded, now)[:10])
     rev = git_revision()
     if info.get("git_revision") and rev and info["git_revision"] != rev:
         out.append(f"sparsefw git revision: run {info['git_revision'][:12]}, now {rev[:12]}")
