@@ -88,7 +88,7 @@ def value_mutation(draw):
     elif kind == "non-finite":
         new = draw(st.sampled_from(["nan", "inf", "-inf", "1e400", "-1e400"]))
     elif kind == "huge":
-        new = draw(st.sampled_from(["1" + "0" * 400, "-" + "9" * 30, "9223372036854775808"]))
+        new = draw(st.sampled_from(["1" + "0" * 400, "-1" + "0" * 400]))  # beyond 64 bits and float
     elif kind == "negative":
         new = _toml(-abs(value) - draw(st.sampled_from([1, 0.5, 10**6])))
     else:
