@@ -171,6 +171,7 @@ def _kind_of(problem: str) -> str:
     msg = re.sub(r"^[\w.\[\]]+: |^[\w.\[\]]+ (?=must|=|lists|is )", "", msg)
     msg = re.sub(r"unknown key [^;\s]+", "unknown key", msg)
     msg = re.sub(r";.*$|, got .*$|'[^']*'|\"[^\"]*\"|\(.*?\)|(?<!--set):.*$", "", msg)
+    msg = re.sub(r"\{.*\}?|\bTrue\b|\bFalse\b", "", msg)
     words = [w for w in msg.split() if not re.search(r"[\d\[\]()]", w)]
     return " ".join(words[:6])
 

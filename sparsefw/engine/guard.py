@@ -101,8 +101,9 @@ class DivergenceGuard:
         self.check()
         params = [p.detach() for p in params]
         if params and bool(_nonfinite(params)):
-            raise Diverged(f"training diverged: non-finite weights after step {step}; the "
-                           f"previous checkpoint was kept", step)
+            raise Diverged(f"training diverged: non-finite weights after step {step} (an "
+                           f"update overflowed); the run stopped without checkpointing them",
+                           step)
 
     def state_dict(self) -> dict[str, int]:
         """What a resume needs (the count of skipped steps)."""
