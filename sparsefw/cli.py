@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as e:
         print(f"sparsefw: {e}", file=sys.stderr)
         return 3
-    except CheckpointWriteError as e:
+    except (CheckpointWriteError, OSError) as e:  # disk full, read-only, file-size limit
         print(f"sparsefw: {e}", file=sys.stderr)
         return 1
 

@@ -179,6 +179,24 @@ def test_a_failed_write_names_the_cause_and_keeps_both_checkpoints(tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == [PREVIOUS, CHECKPOINT]
 
 
+def test_a_read_only_file_system_during_training_exits_1(tmp_path, capsys, monkeypatch):
+    config = tmp_path / "run.toml"
+    config.write_text(TINY_TOML)
+    real = checkpoint.tempfile.mkstemp
+
+    def read_only(*args, **kwargs):
+        if kwargs.get("prefix", "").startswith(f".{CHECKPOINT}"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", read_only)
+    capsys.readouterr()
+    assert main(["train", str(config), "--run-dir", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert f"could not write checkpoint {tmp_path / 'r' / CHECKPOINT}: Read-only file system" in err
+    assert "Traceback" not in err
+
+
 def test_a_file_size_limit_is_a_clean_error_not_an_enforce_fail(tmp_path):
     """A real failing write: torch's zip writer reports it as a RuntimeError ("enforce fail
     ... unexpected pos"); the message must say what happened instead."""
