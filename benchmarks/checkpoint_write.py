@@ -2,8 +2,9 @@
 """What the reliability checks add to writing a checkpoint, on the quickstart run.
 
 Times ``Trainer.save_checkpoint()`` as it is (``new``: the finiteness check of the weights and
-the divergence flags, ``torch.save`` to a temporary file, fsync, keeping the replaced file as
-``checkpoint.prev.pt``, fsync of the directory) against the write without those checks
+the divergence flags, ``torch.save`` to a temporary file, fsync, reading back its zip directory
+to verify it is complete, keeping the replaced file as ``checkpoint.prev.pt``, fsync of the
+directory) against the write without those checks
 (``base``: the same payload, ``torch.save`` to a temporary file, fsync, one rename, fsync of the
 directory: what the engine did before). The integrity checksums cost nothing here: they are the
 CRC-32s ``torch.save`` writes into every zip record anyway (verified on load, timed apart).
@@ -22,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from sparsefw import config
 from sparsefw.engine import Trainer, checkpoint
 from sparsefw.plugins import load_catalogue
@@ -33,7 +36,8 @@ def _base_save(trainer: Trainer) -> None:
     """The write without the new checks (the payload built exactly as save_checkpoint does)."""
     guard, keep = trainer.guard.check_weights, checkpoint.save
     trainer.guard.check_weights = lambda *a, **k: None
-    checkpoint.save = lambda path, payload: keep(path, payload, keep_previous=False)
+    checkpoint.save = lambda path, payload: checkpoint.atomic_write(
+        path, lambda f: torch.save(payload, f))
     try:
         trainer.save_checkpoint()
     finally:

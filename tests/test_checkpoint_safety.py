@@ -108,8 +108,11 @@ def test_a_checkpoint_of_another_model_is_a_clean_error(run, tmp_path, capsys):
 def test_a_plain_state_dict_is_not_a_training_checkpoint(run, capsys):
     torch.save({"weight": torch.zeros(3)}, run / CHECKPOINT)
     capsys.readouterr()
-    assert main(["train", "--resume", str(run)]) == 2
-    assert "not a sparsefw training checkpoint" in capsys.readouterr().err
+    for command in (["train", "--resume"], ["export"], ["report", "--no-tensorboard"]):
+        assert main([*command, str(run)]) == 2
+        err = capsys.readouterr().err
+        assert "not a sparsefw training checkpoint" in err or "no masks" in err, err
+        assert "Traceback" not in err
 
 
 def test_a_kill_between_the_two_renames_resumes_from_the_previous(run):
@@ -174,6 +177,18 @@ def test_a_failed_write_names_the_cause_and_keeps_both_checkpoints(tmp_path, mon
     with pytest.raises(CheckpointWriteError, match="No space left on device") as info:
         checkpoint.save(path, {"step": 3})
     assert str(path) in str(info.value) and "unchanged" in str(info.value)
+    monkeypatch.undo()
+    assert checkpoint.load(path)["step"] == 2 and checkpoint.load(tmp_path / PREVIOUS)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [PREVIOUS, CHECKPOINT]
+
+
+def test_a_new_checkpoint_that_does_not_verify_never_replaces_the_old(tmp_path, monkeypatch):
+    path = tmp_path / CHECKPOINT
+    checkpoint.save(path, {"step": 1})
+    checkpoint.save(path, {"step": 2})
+    monkeypatch.setattr(checkpoint.torch, "save", lambda _obj, f: f.write(b"PK\x03\x04 short"))
+    with pytest.raises(CheckpointWriteError, match="did not verify"):
+        checkpoint.save(path, {"step": 3})
     monkeypatch.undo()
     assert checkpoint.load(path)["step"] == 2 and checkpoint.load(tmp_path / PREVIOUS)["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [PREVIOUS, CHECKPOINT]

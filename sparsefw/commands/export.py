@@ -149,6 +149,11 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *,
     if not ckpt.exists():
         raise FileNotFoundError(f"{run_dir}: no {CHECKPOINT} to export")
     payload = checkpoint.load(ckpt, trust=trust)
+    mask_state = payload.get("masks")
+    if not isinstance(payload.get("model"), dict) or not (
+            isinstance(mask_state, dict) and isinstance(mask_state.get("masks"), dict)):
+        raise checkpoint.CheckpointError(f"{ckpt}: not a sparsefw training checkpoint (no "
+                                         f"model state or masks in it)")
     masks = {n: m.to(torch.bool) for n, m in payload["masks"]["masks"].items()}
     unknown = [n for n in masks if n not in payload["model"]]
     if unknown:

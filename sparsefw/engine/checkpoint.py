@@ -1,9 +1,10 @@
 """Checkpoint files: atomic writes, the kept previous checkpoint, integrity checks and safe
 loading; plus RNG state capture.
 
-Writing. A checkpoint is written to a temporary file in the same directory, flushed and fsynced;
-only then does the current checkpoint move aside to ``checkpoint.prev.pt`` and the new file take
-its name (``os.replace``, atomic on POSIX), and the directory is fsynced. A crash or a kill at any
+Writing. A checkpoint is written to a temporary file in the same directory, flushed and fsynced,
+and verified to be a complete archive (its zip directory lists the pickled structure and every
+record with its checksum); only then does the current checkpoint move aside to
+``checkpoint.prev.pt`` and the new file take its name (``os.replace``, atomic on POSIX), and the directory is fsynced. A crash or a kill at any
 point leaves complete checkpoints only: the current one, the previous one, or (killed between the
 two renames) the previous one alone, which :func:`resume_path` then picks. A failed write (disk
 full, file-size limit, read-only file system) raises :class:`CheckpointWriteError` naming the
@@ -65,10 +66,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write, *, keep: str | Path | None = None) -> None:
+def atomic_write(path: str | Path, write, *, keep: str | Path | None = None,
+                 check=None) -> None:
     """Call ``write(fileobj)`` on a temporary file, then atomically rename it to ``path``.
-    With ``keep``, an existing ``path`` is first renamed to ``keep`` (after the new file is
-    complete and fsynced, so ``keep`` is only ever replaced by a complete older file)."""
+    ``check(tmp_path)``, if given, runs on the fsynced temporary file and may raise to abandon
+    it. With ``keep``, an existing ``path`` is first renamed to ``keep`` (after the new file is
+    complete, fsynced and checked, so ``keep`` is only ever replaced by a complete older
+    file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
@@ -77,6 +81,8 @@ def atomic_write(path: str | Path, write, *, keep: str | Path | None = None) -> 
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(Path(tmp))
         if keep is not None and path.exists():
             os.replace(path, keep)
         os.replace(tmp, path)
@@ -109,13 +115,28 @@ def _os_cause(exc: BaseException) -> OSError | None:
     return None
 
 
+def _complete_archive(path: Path) -> None:
+    """Raise ``OSError`` unless ``path`` is a whole ``torch.save`` archive: its zip directory
+    (at the end of the file) is there and lists the pickled structure (reads the directory
+    only, not the records)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
+        raise OSError(f"the new file did not verify as a complete archive ({exc})") from None
+    if not any(n.endswith("/data.pkl") for n in names):
+        raise OSError("the new file did not verify: no pickled structure in it")
+
+
 def save(path: str | Path, payload: dict[str, Any], *, keep_previous: bool = True) -> None:
-    """Atomically ``torch.save`` ``payload`` to ``path``; the file it replaces becomes
-    ``checkpoint.prev.pt`` beside it (``keep_previous``)."""
+    """Atomically ``torch.save`` ``payload`` to ``path`` once the new file verifies as a
+    complete archive; the file it replaces becomes ``checkpoint.prev.pt`` beside it
+    (``keep_previous``)."""
     path = Path(path)
     keep = path.with_name(PREVIOUS) if keep_previous else None
     try:
-        atomic_write(path, lambda f: torch.save(payload, f), keep=keep)
+        atomic_write(path, lambda f: torch.save(payload, f), keep=keep,
+                     check=_complete_archive)
     except (OSError, RuntimeError) as exc:
         cause = _os_cause(exc)
         why = (f"{cause.strerror or cause}" if cause is not None else str(exc).splitlines()[0])
