@@ -7,7 +7,7 @@ step lifecycle (see ``docs/hooks.md``)::
     forward + backward on perturbed weights/inputs, then restore the weights bit-exactly
     if topology due: topology_update hook   (dense gradient in .grad); changed entries zeroed
     gradient_correct hooks                  (config order)
-    hard masks zero the pruned gradients; optimizer.step(); lr schedule
+    hard masks zero the pruned gradients; divergence guard; optimizer.step(); lr schedule
     step_end observers                      (metrics synced to the host every log_every steps)
 """
 
