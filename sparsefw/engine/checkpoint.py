@@ -2,8 +2,8 @@
 loading; plus RNG state capture.
 
 Writing. A checkpoint is written to a temporary file in the same directory, flushed and fsynced,
-and verified to be a complete archive (its zip directory lists the pickled structure and every
-record with its checksum); only then does the current checkpoint move aside to
+and verified to be a complete archive (it ends with the zip directory that torch writes last,
+after every record and its checksum); only then does the current checkpoint move aside to
 ``checkpoint.prev.pt`` and the new file take its name (``os.replace``, atomic on POSIX), and the directory is fsynced. A crash or a kill at any
 point leaves complete checkpoints only: the current one, the previous one, or (killed between the
 two renames) the previous one alone, which :func:`resume_path` then picks. A failed write (disk
@@ -69,20 +69,20 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write(path: str | Path, write, *, keep: str | Path | None = None,
                  check=None) -> None:
     """Call ``write(fileobj)`` on a temporary file, then atomically rename it to ``path``.
-    ``check(tmp_path)``, if given, runs on the fsynced temporary file and may raise to abandon
-    it. With ``keep``, an existing ``path`` is first renamed to ``keep`` (after the new file is
+    ``check(fileobj)``, if given, runs on the written temporary file (open for reading too,
+    before it is fsynced) and may raise to abandon it. With ``keep``, an existing ``path`` is first renamed to ``keep`` (after the new file is
     complete, fsynced and checked, so ``keep`` is only ever replaced by a complete older
     file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "w+b") as f:
             write(f)
             f.flush()
+            if check is not None:
+                check(f)
             os.fsync(f.fileno())
-        if check is not None:
-            check(Path(tmp))
         if keep is not None and path.exists():
             os.replace(path, keep)
         os.replace(tmp, path)
@@ -115,17 +115,20 @@ def _os_cause(exc: BaseException) -> OSError | None:
     return None
 
 
-def _complete_archive(path: Path) -> None:
-    """Raise ``OSError`` unless ``path`` is a whole ``torch.save`` archive: its zip directory
-    (at the end of the file) is there and lists the pickled structure (reads the directory
-    only, not the records)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
-        raise OSError(f"the new file did not verify as a complete archive ({exc})") from None
-    if not any(n.endswith("/data.pkl") for n in names):
-        raise OSError("the new file did not verify: no pickled structure in it")
+#: the last record of a zip archive (torch writes no archive comment): its signature sits
+#: 22 bytes before the end of a complete ``torch.save`` file
+_END_OF_ARCHIVE = b"PK\x05\x06"
+
+
+def _complete_archive(f) -> None:
+    """Raise ``OSError`` unless the file ``f`` ends as a complete ``torch.save`` archive does:
+    with the end record of its zip directory, which torch writes after every record and
+    checksum (reads 22 bytes; :func:`verify` checks the records themselves on load)."""
+    if f.seek(0, os.SEEK_END) >= 22:
+        f.seek(-22, os.SEEK_END)
+    tail = f.read(4)
+    if tail != _END_OF_ARCHIVE:
+        raise OSError("the new file did not verify: it does not end as a complete archive")
 
 
 def save(path: str | Path, payload: dict[str, Any], *, keep_previous: bool = True) -> None:

@@ -19,6 +19,7 @@ weights themselves are checked too (an update can overflow with finite gradients
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -99,8 +100,12 @@ class DivergenceGuard:
     def check_weights(self, step: int, params: Iterable[torch.Tensor]) -> None:
         """Raise :class:`Diverged` if a weight is non-finite (before a checkpoint write)."""
         self.check()
-        params = [p.detach() for p in params]
-        if params and bool(_nonfinite(params)):
+        params = list(params)
+        if not params:
+            return
+        with torch.no_grad():  # a NaN or an infinity makes the sum of the norms non-finite
+            total = torch.stack(torch._foreach_norm(params)).sum().item()
+        if not math.isfinite(total):
             raise Diverged(f"training diverged: non-finite weights after step {step} (an "
                            f"update overflowed); the run stopped without checkpointing them",
                            step)
