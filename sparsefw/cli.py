@@ -3,7 +3,12 @@ module of :mod:`sparsefw.commands` (each defines ``register(subparsers)``).
 
 Start-up is kept short: this module and the command modules import neither torch nor the
 plugins at the top; each command imports what it uses when it runs, so ``sparsefw --help``
-and ``sparsefw compare`` never load torch."""
+and ``sparsefw compare`` never load torch.
+
+Exit codes: 0 done; 1 a file could not be written (disk full, read-only, …) or a plugin broke
+the hook contract under ``[debug] check_plugins``; 2 bad input (a
+config, a run directory, a checkpoint: the message says which file and what); 3 training
+diverged (non-finite loss, gradient or weights; the last good checkpoint is kept)."""
 
 from __future__ import annotations
 
@@ -27,29 +32,48 @@ def _load(args, catalogue):
 
 def cmd_train(args) -> int:
     from sparsefw import config as config_mod
-    from sparsefw.config import ConfigError
     from sparsefw.engine import train
-    from sparsefw.engine.rundir import RUN_INFO
+    from sparsefw.engine.rundir import (
+        RUN_INFO,
+        RunDirError,
+        claim,
+        read_run_info,
+        resume_differences,
+    )
     from sparsefw.plugins import load_catalogue
 
     catalogue = load_catalogue()
     if args.resume:
-        info_path = Path(args.resume) / RUN_INFO
-        if not info_path.exists():
-            raise ConfigError([f"--resume {args.resume}: no {RUN_INFO} in that directory"])
-        raw = json.loads(info_path.read_text())["raw_config"]
+        if args.run_dir is not None:
+            raise RunDirError("--resume RUN_DIR continues the run in RUN_DIR: --run-dir is "
+                              "not taken with it")
+        info = read_run_info(args.resume)
+        raw, source = info["raw_config"], str(Path(args.resume) / RUN_INFO)
+        differences = []
         if args.config is not None:
             _, given = _load(args, catalogue)
             if given != raw:
-                raise ConfigError([f"--resume {args.resume}: {args.config} (with --set) differs "
-                                   f"from the run's recorded config; resume with no CONFIG"])
-        cfg = config_mod.structure(raw, catalogue.registry, source=str(info_path))
-        source = str(info_path)
+                differences.append(f"{args.config} (with --set) differs from the run's "
+                                   f"recorded config")
+                if args.force:
+                    raw, source = given, args.config
+        cfg = config_mod.structure(raw, catalogue.registry, source=source)
+        differences += resume_differences(info, cfg, catalogue)
+        if differences and not args.force:
+            raise RunDirError("\n".join(
+                [f"--resume {args.resume}: refusing to continue a run whose code or config "
+                 f"changed (it would not reproduce the run; --force continues anyway):",
+                 *(f"  - {d}" for d in differences)]))
+        for d in differences:
+            print(f"sparsefw: warning: --force: {d}", file=sys.stderr)
     else:
         cfg, raw = _load(args, catalogue)
         source = args.config
+        if args.run_dir is not None:
+            claim(args.run_dir)
     trainer, metrics = train(cfg, catalogue, run_dir=args.run_dir, raw_config=raw,
-                             resume=args.resume, config_source=source)
+                             resume=args.resume, config_source=source,
+                             trust_checkpoint=args.trust_checkpoint)
     print(f"run directory: {trainer.run_dir}")
     print(f"final test accuracy: {metrics['test/acc']:.4f}  (density {metrics['density']:.4f}, "
           f"{trainer.state.step} steps)")
@@ -148,6 +172,7 @@ def cmd_describe(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from sparsefw import __version__
+    from sparsefw.commands import TRUST_HELP
 
     parser = argparse.ArgumentParser(prog="sparsefw", description=__doc__)
     parser.add_argument("--version", action="version", version=f"sparsefw {__version__}")
@@ -158,7 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    p.add_argument("--run-dir", help="write the run here instead of out_dir/<name>-<time>")
+    p.add_argument("--run-dir", help="write the run here instead of out_dir/<name>-<time> "
+                                     "(a new or empty directory)")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: continue even though the config, the sparsefw revision "
+                        "or a component's version differs from the run's")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("plugins", help="list every component by slot with its source; with "
@@ -178,25 +208,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_code(exc: BaseException) -> int | None:
+    """The exit code of an expected failure (see the module docstring), ``None`` for a bug.
+    The exception classes are imported here, when one is raised: ``--help`` loads no torch."""
+    from sparsefw.config import ConfigError
+    from sparsefw.engine.checkpoint import CheckpointError, CheckpointWriteError
+    from sparsefw.engine.guard import Diverged
+    from sparsefw.engine.rundir import RunDirError
+    from sparsefw.plugin_checks import PluginCheckError
+
+    if isinstance(exc, (ConfigError, RunDirError, CheckpointError, FileNotFoundError)):
+        return 2
+    if isinstance(exc, Diverged):
+        return 3
+    if isinstance(exc, (PluginCheckError, CheckpointWriteError, OSError)):
+        return 1  # a plugin broke its contract; disk full, read-only, file-size limit
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from sparsefw.config import ConfigError
-
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"sparsefw: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"sparsefw: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        from sparsefw.plugin_checks import PluginCheckError
-
-        if not isinstance(e, PluginCheckError):
+    except Exception as exc:
+        code = _exit_code(exc)
+        if code is None:
             raise
-        print(f"sparsefw: {e}", file=sys.stderr)
-        return 1
+        print(f"sparsefw: {exc}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
 """Run configuration: TOML files structured into frozen attrs classes by one cattrs converter.
 
-* ``extends = "base.toml"`` (relative to the file) merges a base file under this one: tables merge
+* ``extends = "base.toml"`` (a path relative to the file's directory; ``..`` may reach up, an
+  absolute path is refused) merges a base file under this one: tables merge
   key by key, anything else (values, arrays of tables) is replaced.
 * ``--set section.key=value`` overrides are applied after ``extends``; the value is parsed as a
   TOML value and falls back to a plain string.
 * Unknown keys are rejected; every problem is collected and reported together in one
-  :class:`ConfigError`, each line naming the file, the section and the key, and unknown names
-  listing the valid choices.
+  :class:`ConfigError` (type errors and range errors alike), each line naming the file, the
+  section and the key, and unknown names listing the valid choices. Offending values are shown
+  cut to about 80 characters.
+* Numbers are strict: a float must be finite (NaN and infinities are refused; TOML's ``1e400``
+  reads as infinity) and an integer must fit in 64 bits, in every section and every component's
+  options.
 
 Sections that select a component (``[model]``, ``[data]``, ``[mask_init]``,
 ``[topology_update]``, ``[[gradient_correct]]``, ``[[perturb]]``, ``[[schedule]]``) carry a
@@ -16,6 +21,7 @@ Sections that select a component (``[model]``, ``[data]``, ``[mask_init]``,
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, get_args, get_origin
@@ -41,13 +47,28 @@ MASK_KINDS = ("hard", "forward")
 #: the values of ``[sparsity] init`` (:mod:`sparsefw.initialisation` implements them; kept here so
 #: that reading a config needs no torch)
 INITS = ("dense", "sparse_fan_in")
+#: longest value shown in an error message (:func:`short`)
+SHOWN = 80
+#: longest problem line; a longer one (a plugin's message echoing a huge value) is cut
+MAX_PROBLEM = 400
+#: integers must fit in a signed 64-bit integer (what torch and numpy take)
+INT_LIMIT = 2**63
+
+
+def short(value: Any, limit: int = SHOWN) -> str:
+    """``repr(value)`` cut to about ``limit`` characters (saying how long it was)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"
 
 
 class ConfigError(ValueError):
     """One or more problems in a configuration; ``problems`` holds one line per problem."""
 
     def __init__(self, problems: Iterable[str]):
-        self.problems = list(problems)
+        self.problems = [p if len(p) <= MAX_PROBLEM else f"{p[:MAX_PROBLEM]}… (cut)"
+                         for p in problems]
         n = len(self.problems)
         head = f"{n} problem{'s' if n != 1 else ''} in the configuration:"
         super().__init__("\n".join([head, *(f"  - {p}" for p in self.problems)]))
@@ -60,7 +81,7 @@ def one_of(*choices: str):
     def check(_inst, attribute, value):
         if value not in choices:
             raise ValueError(
-                f"{attribute.name} = {value!r} is not one of: {', '.join(map(str, choices))}"
+                f"{attribute.name} = {short(value)} is not one of: {', '.join(map(str, choices))}"
             )
 
     return check
@@ -79,9 +100,60 @@ def in_range(lo: float | None = None, hi: float | None = None, *, lo_open=True, 
             left = "(" if lo_open else "["
             right = ")" if hi_open else "]"
             rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
-            raise ValueError(f"{attribute.name} must be in {rng}, got {value!r}")
+            raise ValueError(f"{attribute.name} must be in {rng}, got {short(value)}")
 
     return check
+
+
+def each(check):
+    """attrs validator: ``check`` (another validator) holds for every item of a sequence."""
+
+    def run(inst, attribute, value):
+        for i, item in enumerate(value):
+            check(inst, _Named(f"{attribute.name}[{i}]"), item)
+
+    return run
+
+
+def increasing(_inst, attribute, value):
+    """attrs validator: a sequence in strictly increasing order."""
+    if any(b <= a for a, b in zip(value, value[1:], strict=False)):
+        raise ValueError(f"{attribute.name} must be strictly increasing, got {short(value)}")
+
+
+def unique(_inst, attribute, value):
+    """attrs validator: no item of a sequence appears twice."""
+    twice = sorted({v for v in value if list(value).count(v) > 1}, key=str)
+    if twice:
+        raise ValueError(f"{attribute.name} lists {', '.join(map(short, twice))} more than once")
+
+
+def plain_path(_inst, attribute, value):
+    """attrs validator: a string usable as a file name or path (no NUL, not empty)."""
+    if value is not None and (not value or "\0" in value):
+        raise ValueError(f"{attribute.name} must be a non-empty path without NUL characters, "
+                         f"got {short(value)}")
+
+
+def device_name(_inst, attribute, value):
+    """attrs validator: ``"auto"`` or a device torch understands (``cpu``, ``cuda``,
+    ``cuda:1``, …)."""
+    import torch
+
+    if value == "auto":
+        return
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{attribute.name} = {short(value)} is not a device: use \"auto\", "
+                         f"\"cpu\", \"cuda\" or \"cuda:N\"") from None
+
+
+@attrs.frozen
+class _Named:
+    """Stands in for an attrs attribute in messages about one item of a sequence."""
+
+    name: str
 
 
 # ------------------------------------------------------------------------------ sections
@@ -92,7 +164,7 @@ class TrainConfig:
     epochs: int = attrs.field(default=10, validator=in_range(0))
     batch_size: int = attrs.field(default=64, validator=in_range(0))
     eval_batch_size: int = attrs.field(default=512, validator=in_range(0))
-    device: str = "auto"
+    device: str = attrs.field(default="auto", validator=device_name)
     amp: str = attrs.field(default="off", validator=one_of("off", "bf16", "fp16"))
     compile: bool = False
     channels_last: bool = False
@@ -100,8 +172,8 @@ class TrainConfig:
     log_every: int = attrs.field(default=20, validator=in_range(0))
     #: also checkpoint every this many steps (0: only at the end of each epoch)
     checkpoint_every: int = attrs.field(default=0, validator=in_range(0, lo_open=False))
-    out_dir: str = "runs"
-    name: str | None = None
+    out_dir: str = attrs.field(default="runs", validator=plain_path)
+    name: str | None = attrs.field(default=None, validator=plain_path)
     #: train this many rounds of ``epochs`` each (round hooks run between them)
     rounds: int = attrs.field(default=1, validator=in_range(0))
     #: the iteration every round after the first starts from: later rounds replay iterations
@@ -110,6 +182,11 @@ class TrainConfig:
     round_start: int = attrs.field(default=0, validator=in_range(0, lo_open=False))
     #: stop after this many steps in total (None: ``rounds · epochs`` full epochs)
     max_steps: int | None = attrs.field(default=None, validator=in_range(0))
+    #: a non-finite loss or gradient: ``stop`` the run with an error naming the step, or
+    #: ``skip`` that step's update (counted; see ``max_nonfinite_skips``)
+    on_nonfinite: str = attrs.field(default="stop", validator=one_of("stop", "skip"))
+    #: with ``on_nonfinite = "skip"``: stop once more steps than this were skipped
+    max_nonfinite_skips: int = attrs.field(default=10, validator=in_range(0, lo_open=False))
 
 
 @attrs.frozen
@@ -121,7 +198,8 @@ class OptimizerConfig:
     momentum: float = attrs.field(default=0.9, validator=in_range(0, 1, lo_open=False, hi_open=True))
     nesterov: bool = False
     weight_decay: float = attrs.field(default=5e-4, validator=in_range(0, lo_open=False))
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = attrs.field(
+        default=(0.9, 0.999), validator=each(in_range(0, 1, lo_open=False, hi_open=True)))
     eps: float = attrs.field(default=1e-8, validator=in_range(0))
 
 
@@ -132,7 +210,8 @@ class LRScheduleConfig:
     name: str = attrs.field(default="cosine", validator=one_of("constant", "cosine", "step", "linear"))
     warmup_epochs: float = attrs.field(default=0.0, validator=in_range(0, lo_open=False))
     #: ``step``: fractions of training at which the rate is multiplied by ``gamma``
-    milestones: tuple[float, ...] = (0.5, 0.75)
+    milestones: tuple[float, ...] = attrs.field(
+        default=(0.5, 0.75), validator=[each(in_range(0, 1, hi_open=True)), increasing])
     gamma: float = attrs.field(default=0.1, validator=in_range(0))
     #: ``cosine``/``linear``: multiplier reached at the end
     final_scale: float = attrs.field(default=0.0, validator=in_range(0, 1, lo_open=False))
@@ -173,7 +252,8 @@ class DebugConfig:
 class LoggingConfig:
     """``[logging]``: which observer components run."""
 
-    observers: tuple[str, ...] = ("jsonl", "tensorboard", "progress")
+    observers: tuple[str, ...] = attrs.field(default=("jsonl", "tensorboard", "progress"),
+                                             validator=unique)
 
 
 @attrs.frozen
@@ -225,16 +305,27 @@ COMPONENT_SECTIONS = {
 }
 DEFAULTS = {"data": {"name": "digits"}, "model": {"name": "mlp"}, "mask_init": {"name": "random"}}
 TOP_LEVEL = ("extends", "seed", *PLAIN_SECTIONS, *COMPONENT_SECTIONS)
+#: seeds are in [0, 2**32): the engine derives further seeds from them by arithmetic
+MAX_SEED = 2**32
 
 
 # ------------------------------------------------------------------------------ converter
 def _strict(kind: type):
+    """Structure hook: exactly ``kind`` (an integer is a float too), finite floats and 64-bit
+    integers only."""
+
     def hook(value, _type):
         ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 2**1023:
+                raise ValueError(f"{short(value)} is too large for a float")
             return float(value)
         if not ok:
-            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__} {short(value)}")
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value!r}")
+        if kind is int and not -INT_LIMIT <= value < INT_LIMIT:
+            raise ValueError(f"{short(value)} does not fit in a 64-bit integer")
         return value
 
     return hook
@@ -301,10 +392,14 @@ def _problems(exc: ClassValidationError, where: str) -> list[str]:
     return out
 
 
-def _validator_problems(obj: Any, where: str, prefix: str = "") -> list[str]:
-    """Run every field validator of ``obj`` (and of nested attrs values), collecting failures."""
+def _validator_problems(obj: Any, where: str, prefix: str = "",
+                        only: Iterable[str] | None = None) -> list[str]:
+    """Run every field validator of ``obj`` (and of nested attrs values), collecting failures;
+    ``only``: just these fields."""
     out = []
     for a in attrs.fields(type(obj)):
+        if only is not None and a.name not in only:
+            continue
         value = getattr(obj, a.name)
         if a.validator is not None:
             try:
@@ -318,26 +413,41 @@ def _validator_problems(obj: Any, where: str, prefix: str = "") -> list[str]:
     return out
 
 
+def _failed_keys(exc: ClassValidationError) -> set[str]:
+    """The keys of a section whose values could not be structured (wrong type, unknown)."""
+    with_notes, without = exc.group_exceptions()
+    keys = {note.name for _e, note in with_notes}
+    for e in without:
+        if isinstance(e, ForbiddenExtraKeysError):
+            keys |= set(e.extra_fields)
+    return keys
+
+
 def _structure_section(raw: Any, cls: type, where: str, problems: list[str]) -> Any:
     """``raw`` structured into ``cls``, or ``None`` with every problem added to ``problems``.
 
-    attrs validators stop at the first failing field; on a failure the section is structured
-    again with validators off and each field checked, so that all bad values are reported."""
+    attrs validators stop at the first failing field, and a type error stops structuring; so on
+    a failure the keys that structured are structured again with validators off and each
+    checked: type errors and range errors of one section are reported together."""
     if not isinstance(raw, Mapping):
-        problems.append(f"{where} must be a table, got {type(raw).__name__} {raw!r}")
+        problems.append(f"{where} must be a table, got {type(raw).__name__} {short(raw)}")
         return None
+    failed: set[str] = set()
     try:
         return CONVERTER.structure(raw, cls)
     except ClassValidationError as e:
         first = _problems(e, where)
+        failed = _failed_keys(e)
     except (ValueError, TypeError) as e:
         first = [f"{where} {_message(e)}"]
+    typed = {k: v for k, v in raw.items() if k not in failed}
     try:
         with attrs.validators.disabled():
-            found = _validator_problems(CONVERTER.structure(raw, cls), where)
-    except Exception:  # wrong types, or a post-init check: the first report says it
+            obj = CONVERTER.structure(typed, cls)
+        found = _validator_problems(obj, where, only=typed)
+    except Exception:  # a required key missing, or a post-init check: the first report says it
         found = []
-    problems.extend(found or first)
+    problems.extend(first + [f for f in found if f not in first] if failed else found or first)
     return None
 
 
@@ -362,29 +472,44 @@ def read_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError([f"{path}: extends loops: {chain}"])
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            data = tomllib.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError([f"{path}: file not found"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a directory, not a config file"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {e.start}: {e.reason})"]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot be read: {e.strerror or e}"]) from None
     base = data.pop("extends", None)
     if base is None:
         return data
-    if not isinstance(base, str):
-        raise ConfigError([f"{path}: extends must be a path string, got {base!r}"])
-    return merge_tables(read_toml(path.parent / base, (*_seen, path)), data)
+    if not isinstance(base, str) or not base or "\0" in base:
+        raise ConfigError([f"{path}: extends must be a path string, got {short(base)}"])
+    rel = Path(base)
+    if rel.is_absolute() or base.startswith("~"):
+        raise ConfigError([f"{path}: extends = {short(base)} must be a path relative to this "
+                           f"file's directory (an absolute path would tie the config to one "
+                           f"machine)"])
+    return merge_tables(read_toml(path.parent / rel, (*_seen, path)), data)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"a.b=1"`` -> (["a", "b"], 1). The value is TOML, else a string."""
     if "=" not in text:
-        raise ConfigError([f"--set {text!r}: expected section.key=value"])
+        raise ConfigError([f"--set {short(text)}: expected section.key=value"])
     key, raw = text.split("=", 1)
+    keys = [k.strip() for k in key.split(".")]
+    if not all(keys):
+        raise ConfigError([f"--set {short(text)}: expected section.key=value (an empty name "
+                           f"in {short(key)})"])
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
-    return [k.strip() for k in key.split(".")], value
+    return keys, value
 
 
 def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
@@ -402,7 +527,7 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
             last = keys[-1]
             node[int(last) if isinstance(node, list) else last] = value
         except (ValueError, IndexError, TypeError, AttributeError):
-            raise ConfigError([f"--set {text!r}: no such place in the config"]) from None
+            raise ConfigError([f"--set {short(text)}: no such place in the config"]) from None
     return out
 
 
@@ -410,7 +535,7 @@ def _structure_selected(
     raw: Any, slot: str, where: str, registry: Registry, problems: list[str]
 ) -> Selected | None:
     if not isinstance(raw, Mapping):
-        problems.append(f"{where} must be a table with a 'name' key, got {raw!r}")
+        problems.append(f"{where} must be a table with a 'name' key, got {short(raw)}")
         return None
     raw = dict(raw)
     name = raw.pop("name", None)
@@ -425,7 +550,7 @@ def _structure_selected(
             (slot, name) in getattr(registry, "clashes", {})
             or (slot, name) in getattr(registry, "rejected", {}))
         problems.append(f"{where} name: {exc.args[0]}" if known
-                        else f"{where} name: unknown {slot} {name!r}; choices: {choices}")
+                        else f"{where} name: unknown {slot} {short(name)}; choices: {choices}")
         return None
     options = _structure_section(raw, entry.config, where, problems)
     return None if options is None else Selected(name, options)
@@ -441,11 +566,14 @@ def structure(data: Mapping, registry: Registry, source: str = "<config>") -> Ru
     data.pop("extends", None)
     for key in data:
         if key not in TOP_LEVEL:
-            problems.append(f"{source}: unknown section or key {key!r}; valid: {', '.join(TOP_LEVEL)}")
+            problems.append(f"{source}: unknown section or key {short(key)}; "
+                            f"valid: {', '.join(TOP_LEVEL)}")
     kwargs: dict[str, Any] = {}
     seed = data.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
-        problems.append(f"{source}: seed must be an integer, got {seed!r}")
+        problems.append(f"{source}: seed must be an integer, got {short(seed)}")
+    elif not 0 <= seed < MAX_SEED:
+        problems.append(f"{source}: seed must be in [0, 2**32), got {short(seed)}")
     kwargs["seed"] = seed
     for section, cls in PLAIN_SECTIONS.items():
         if section not in data:
@@ -482,12 +610,23 @@ def structure(data: Mapping, registry: Registry, source: str = "<config>") -> Ru
         for obs in kwargs["logging"].observers:
             if obs not in registry.names("observer"):
                 problems.append(
-                    f"{source}: [logging] observers: unknown observer {obs!r}; "
+                    f"{source}: [logging] observers: unknown observer {short(obs)}; "
                     f"choices: {', '.join(registry.names('observer'))}"
                 )
+    problems.extend(_across_sections(kwargs, source))
     if problems:
         raise ConfigError(problems)
     return RunConfig(**kwargs)
+
+
+def _across_sections(kwargs: Mapping[str, Any], source: str) -> list[str]:
+    """Checks that involve two sections (each section itself already valid)."""
+    out = []
+    train, lr = kwargs.get("train", TrainConfig()), kwargs.get("lr_schedule", LRScheduleConfig())
+    if lr.warmup_epochs > train.epochs:
+        out.append(f"{source}: [lr_schedule] warmup_epochs: {lr.warmup_epochs!r} is longer "
+                   f"than the run ([train] epochs = {train.epochs})")
+    return out
 
 
 def load(

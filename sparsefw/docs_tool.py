@@ -87,6 +87,8 @@ def describe_validator(v: Any) -> str:
         if lo is None:
             return f"{'<' if hi_open else '<='} {hi}"
         return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    if qual.startswith("each"):
+        return f"each {describe_validator(_closure(v)['check'])}"
     if qual.startswith("one_of"):
         return "one of: " + ", ".join(f"`{x}`" for x in _closure(v).get("choices", ()))
     text = repr(v)
@@ -223,7 +225,9 @@ def _core_notes() -> dict[tuple[type, str], str]:
             "num_workers": "DataLoader workers for file-based data sets",
             "log_every": "read train metrics to the host every this many steps",
             "out_dir": "parent of the run directory when `--run-dir` is not given",
-            "name": "run directory stem (default: the config file's stem)",
+            "name": "run directory stem (default: the config file's stem); other characters "
+                    "than letters, digits and `._+-` become `_`, cut to 64, so the directory "
+                    "stays inside `out_dir`",
         },
         c.OptimizerConfig: {
             "name": "optimizer", "lr": "base learning rate",
@@ -294,15 +298,17 @@ def generate_reference(catalogue=None) -> str:
         "this one (tables key by key), and `sparsefw train CONFIG --set section.key=value` "
         "overrides any value from the command line (arrays of tables by index: "
         "`--set perturb.0.rho=0.1`). Sections that select a component take a `name` plus that "
-        "component's own options. This page lists the built-in components; `sparsefw plugins` "
-        "lists everything installed.",
+        "component's own options. Every float must be finite (NaN, `inf` and `1e400` are "
+        "errors) and every integer must fit in 64 bits, in every section and component; all "
+        "problems of a file are reported together (`sparsefw` exits with code 2). This page "
+        "lists the built-in components; `sparsefw plugins` lists everything installed.",
         "",
         "## Top level",
         "",
         "| key | type | default | description |",
         "|---|---|---|---|",
         "| `seed` | `int` | `0` | seeds the model, the data order and `state.generator` |",
-        "| `extends` | `str` | *unset* | a base config, relative to this file |",
+        "| `extends` | `str` | *unset* | a base config, relative to this file's directory (`../base.toml` reaches up; absolute paths are refused) |",
         "",
     ]
     for section, cls in config_mod.PLAIN_SECTIONS.items():

@@ -240,7 +240,7 @@ class RunPlugins:
                 impl.function(state=state, plugin_state=states[impl.plugin_name])
 
 
-def _selected(cfg: RunConfig) -> list[tuple[str, str, Selected]]:
+def selected(cfg: RunConfig) -> list[tuple[str, str, Selected]]:
     out = [("mask_init", "mask_init", cfg.mask_init)]
     if cfg.topology_update is not None:
         out.append(("topology_update", "topology_update", cfg.topology_update))
@@ -258,7 +258,7 @@ def build_run(cfg: RunConfig, catalogue: Catalogue, *, observers: bool = True) -
     ``observers=False`` leaves out the observer components (ranks other than 0 of a
     multi-process job log nothing)."""
     components = []
-    for prefix, slot, sel in _selected(cfg):
+    for prefix, slot, sel in selected(cfg):
         if slot == "observer" and not observers:
             continue
         entry = catalogue.registry.get(slot, sel.name)

@@ -195,7 +195,8 @@ class Sparsifier:
     step's synchronised pass runs, e.g. a compiled DDP wrapper), ``dist``, ``observers`` (run
     the config's observer components), ``after_optimizer_step`` (the front door's bookkeeping
     after each optimizer step, returning the metrics handed to the ``step_end`` observers) and
-    ``front_door``: ``"trainer"`` drives epochs itself, owns the run's inputs (``needs =
+    ``guard`` (a :class:`sparsefw.engine.guard.DivergenceGuard`, checked right before each
+    optimizer step), and ``front_door``: ``"trainer"`` drives epochs itself, owns the run's inputs (``needs =
     ("inputs",)``) and its own forward masking; other values (``"loop"``, ``"huggingface"``,
     ``"lightning"``) get implicit epochs, the forward pre-hook and forward-masking hooks.
     """
@@ -220,6 +221,7 @@ class Sparsifier:
         front_door: str = "loop",
         after_optimizer_step: Callable[[], dict | None] | None = None,
         check_plugins: bool | None = None,
+        guard: Any = None,
         **shortcuts: Any,
     ):
         if total_steps is None or int(total_steps) <= 0:
@@ -246,6 +248,8 @@ class Sparsifier:
         first = next(self.model.parameters(), None)
         self.device = first.device if first is not None else torch.device("cpu")
         self.after_optimizer_step = after_optimizer_step
+        #: a :class:`sparsefw.engine.guard.DivergenceGuard` run before each optimizer step
+        self.guard = guard
 
         sp = cfg.sparsity
         in_optimizer = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
@@ -613,6 +617,10 @@ class Sparsifier:
         else:
             self.plugins.hook.sparsefw_gradient_correct(state=st)
         self.masks.mask_grads_()
+        if self.guard is not None:  # a non-finite loss or gradient: stop (or skip the update)
+            self._skip_optimizer = (self.guard.after_backward(st.step, st.loss,
+                                                              self.model.parameters())
+                                    or self._skip_optimizer)
 
     @torch.no_grad()
     def _update_dense_momentum(self) -> None:

@@ -134,9 +134,9 @@ def test_strict_types(catalogue, section, key, value, expect):
 
 
 def test_int_is_accepted_where_a_float_is_expected(catalogue):
-    cfg = config.structure({"optimizer": {"lr": 1, "betas": [0, 1]}}, catalogue.registry)
+    cfg = config.structure({"optimizer": {"lr": 1, "betas": [0, 0]}}, catalogue.registry)
     assert cfg.optimizer.lr == 1.0 and isinstance(cfg.optimizer.lr, float)
-    assert cfg.optimizer.betas == (0.0, 1.0)
+    assert cfg.optimizer.betas == (0.0, 0.0)
 
 
 # ------------------------------------------------------------------------------ extends

@@ -41,7 +41,8 @@ class JsonlObserver:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by a kill
-                if record.get("step", 0) <= state.step:
+                step = record.get("step", 0) if isinstance(record, dict) else 0
+                if not isinstance(step, (int, float)) or step <= state.step:  # foreign: kept
                     kept.append(line)
                     if record.get("kind") == "eval":
                         self._eval_forward = int(record.get(EVAL_FORWARD, 0))

@@ -7,6 +7,8 @@ into ``RUN_DIR/analysis/``. See ``docs/diagnostics.md``.
 
 from __future__ import annotations
 
+from sparsefw.commands import TRUST_HELP
+
 
 def cmd_analyze(args) -> int:
     from sparsefw.diagnostics.run import analyze_run
@@ -14,7 +16,7 @@ def cmd_analyze(args) -> int:
     result = analyze_run(
         args.run_dir, out=args.out, points=args.points, radius=args.radius,
         batches=args.batches, iters=args.iters, tol=args.tol, seed=args.seed,
-        plots=not args.no_plots, device=args.device,
+        plots=not args.no_plots, device=args.device, trust=args.trust_checkpoint,
     )
     r = result["roughness"]
     out = args.out or f"{args.run_dir}/analysis"
@@ -46,4 +48,5 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random directions")
     p.add_argument("--device", help="override the run's device (e.g. cpu)")
     p.add_argument("--no-plots", action="store_true", help="write analysis.json only")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_analyze)

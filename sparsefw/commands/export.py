@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from sparsefw.commands import TRUST_HELP
+
 if TYPE_CHECKING:  # torch is imported by the functions that use it: the CLI starts without it
     import torch
 
@@ -150,18 +152,25 @@ class Exported:
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None, *,
-               sparse: bool = False) -> Exported:
-    """Export ``run_dir``'s ``checkpoint.pt`` (see the module docstring)."""
+               sparse: bool = False, trust: bool = False) -> Exported:
+    """Export ``run_dir``'s ``checkpoint.pt`` (see the module docstring; ``trust``: load it
+    with full unpickling, unsafe)."""
     import torch
 
+    from sparsefw.engine import checkpoint
     from sparsefw.engine.checkpoint import CHECKPOINT
-    from sparsefw.engine.rundir import RUN_INFO
+    from sparsefw.engine.rundir import read_run_info
 
     run_dir = Path(run_dir)
     ckpt = run_dir / CHECKPOINT
     if not ckpt.exists():
         raise FileNotFoundError(f"{run_dir}: no {CHECKPOINT} to export")
-    payload = torch.load(ckpt, map_location="cpu", weights_only=False)
+    payload = checkpoint.load(ckpt, trust=trust)
+    mask_state = payload.get("masks")
+    if not isinstance(payload.get("model"), dict) or not (
+            isinstance(mask_state, dict) and isinstance(mask_state.get("masks"), dict)):
+        raise checkpoint.CheckpointError(f"{ckpt}: not a sparsefw training checkpoint (no "
+                                         f"model state or masks in it)")
     masks = {n: m.to(torch.bool) for n, m in payload["masks"]["masks"].items()}
     unknown = [n for n in masks if n not in payload["model"]]
     if unknown:
@@ -186,7 +195,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *,
         stored = dense_bytes
     active = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
-    info = json.loads((run_dir / RUN_INFO).read_text()) if (run_dir / RUN_INFO).exists() else {}
+    info = read_run_info(run_dir, missing_ok=True)
     cfg = info.get("config", {})
     meta = {
         "run_dir": str(run_dir.resolve()),
@@ -217,7 +226,8 @@ def _size(n: int) -> str:
 
 
 def cmd_export(args) -> int:
-    result = export_run(args.run_dir, args.out, sparse=args.sparse)
+    result = export_run(args.run_dir, args.out, sparse=args.sparse,
+                        trust=args.trust_checkpoint)
     print(f"exported: {result.path}")
     if result.masks_path is not None:
         print(f"masks:    {result.masks_path}")
@@ -238,4 +248,5 @@ def register(subparsers) -> None:
     p.add_argument("--out", metavar="FILE", help="output file (default RUN_DIR/export/model.pt)")
     p.add_argument("--sparse", action="store_true",
                    help="store masked tensors as a packed bitmask plus their active values")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_export)

@@ -25,6 +25,8 @@ from typing import Any
 
 import attrs
 
+from sparsefw.commands import TRUST_HELP
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -42,6 +44,8 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill
+        if not isinstance(record, dict) or not isinstance(record.get("step", 0), int):
+            continue  # not a record the jsonl observer writes
         if record.get("kind") == "eval":
             evals[int(record.get("step", 0))] = record
         elif record.get("kind") == "train":
@@ -51,24 +55,25 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
 
 
 def read_run_info(run_dir: str | Path) -> dict:
-    """``run.json`` as a dict (empty if missing)."""
-    from sparsefw.engine.rundir import RUN_INFO
+    """``run.json`` as a dict (empty if missing; a damaged one is a clear error)."""
+    from sparsefw.engine import rundir
 
-    path = Path(run_dir) / RUN_INFO
-    return json.loads(path.read_text()) if path.exists() else {}
+    return rundir.read_run_info(run_dir, missing_ok=True)
 
 
-def load_masks(run_dir: str | Path) -> dict[str, Any]:
+def load_masks(run_dir: str | Path, *, trust: bool = False) -> dict[str, Any]:
     """The checkpoint's mask state: ``{"masks": {name: bool tensor}, "targets": {...},
-    "kind": ...}``."""
-    import torch
-
+    "kind": ...}`` (``trust``: load the checkpoint with full unpickling, unsafe)."""
+    from sparsefw.engine import checkpoint
     from sparsefw.engine.checkpoint import CHECKPOINT
 
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(f"{run_dir}: no {CHECKPOINT} (has the run finished an epoch?)")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = checkpoint.load(path, trust=trust)
+    if not isinstance(payload.get("masks"), dict) or not isinstance(
+            payload["masks"].get("masks"), dict):
+        raise checkpoint.CheckpointError(f"{path}: no masks in it (not a training checkpoint)")
     return payload["masks"]
 
 
@@ -116,11 +121,12 @@ def _sum_metric(records: Iterable[dict], key: str) -> float | None:
     return sum(values) if values else None
 
 
-def layer_table(run_dir: str | Path, train: list[dict] | None = None) -> list[LayerRow]:
+def layer_table(run_dir: str | Path, train: list[dict] | None = None, *,
+                trust: bool = False) -> list[LayerRow]:
     """Per-layer rows from the checkpoint's masks and the logged topology counts."""
     if train is None:
         train, _ = read_metrics(run_dir)
-    state = load_masks(run_dir)
+    state = load_masks(run_dir, trust=trust)
     rows = []
     for name, mask in state["masks"].items():
         dropped = _sum_metric(train, f"topology/dropped/{name}")
@@ -251,7 +257,7 @@ class Report:
 
 
 def make_report(run_dir: str | Path, out: str | Path | None = None, *,
-                tensorboard: bool = True) -> Report:
+                tensorboard: bool = True, trust: bool = False) -> Report:
     """Write ``report.md``, ``curves.png`` and ``density.png`` for ``run_dir`` into ``out``
     (default ``run_dir/report``) and, with ``tensorboard``, the figures as image summaries
     into ``run_dir/tb``."""
@@ -262,7 +268,7 @@ def make_report(run_dir: str | Path, out: str | Path | None = None, *,
     out.mkdir(parents=True, exist_ok=True)
     info = read_run_info(run_dir)
     train, evals = read_metrics(run_dir)
-    rows = layer_table(run_dir, train)
+    rows = layer_table(run_dir, train, trust=trust)
     final = evals[-1] if evals else {}
     summary = method_summary(info)
 
@@ -309,7 +315,8 @@ def make_report(run_dir: str | Path, out: str | Path | None = None, *,
 
 # ------------------------------------------------------------------------------ CLI
 def cmd_report(args) -> int:
-    report = make_report(args.run_dir, args.out, tensorboard=not args.no_tensorboard)
+    report = make_report(args.run_dir, args.out, tensorboard=not args.no_tensorboard,
+                         trust=args.trust_checkpoint)
     train, _ = read_metrics(args.run_dir)
     print(table_markdown(list(report.rows), train))
     if report.final:
@@ -332,4 +339,5 @@ def register(subparsers) -> None:
     p.add_argument("--out", metavar="DIR", help="write here instead of RUN_DIR/report")
     p.add_argument("--no-tensorboard", action="store_true",
                    help="do not add the figures to RUN_DIR/tb")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_report)

@@ -16,7 +16,6 @@ with the model in eval mode.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +36,14 @@ from sparsefw.diagnostics.landscape import (
 ANALYSIS_DIR = "analysis"
 
 
-def load_trainer(run_dir: str | Path, catalogue=None, device: str | None = None):
-    """Rebuild the run in ``run_dir`` from its ``run.json`` and load ``checkpoint.pt``."""
+def load_trainer(run_dir: str | Path, catalogue=None, device: str | None = None, *,
+                 trust: bool = False):
+    """Rebuild the run in ``run_dir`` from its ``run.json`` and load ``checkpoint.pt``
+    (``trust``: with full unpickling, unsafe)."""
     from sparsefw import config as config_mod
     from sparsefw.engine import Trainer
     from sparsefw.engine.checkpoint import CHECKPOINT
-    from sparsefw.engine.rundir import RUN_INFO
+    from sparsefw.engine.rundir import RUN_INFO, read_run_info
     from sparsefw.plugins import load_catalogue
 
     run_dir = Path(run_dir)
@@ -51,13 +52,13 @@ def load_trainer(run_dir: str | Path, catalogue=None, device: str | None = None)
         if not path.exists():
             raise FileNotFoundError(f"{run_dir}: no {path.name} (not a run directory?)")
     catalogue = catalogue or load_catalogue()
-    raw = json.loads(info_path.read_text())["raw_config"]
+    raw = read_run_info(run_dir)["raw_config"]
     if device is not None:
         raw = {**raw, "train": {**raw.get("train", {}), "device": device}}
     cfg = config_mod.structure(raw, catalogue.registry, source=str(info_path))
     trainer = Trainer(cfg, catalogue, run_dir=run_dir, raw_config=raw,
                       config_source=str(info_path))
-    trainer.load_checkpoint(ckpt)
+    trainer.load_checkpoint(ckpt, trust=trust)
     return trainer
 
 
@@ -133,10 +134,11 @@ def analyze_run(
     plots: bool = True,
     catalogue=None,
     device: str | None = None,
+    trust: bool = False,
 ) -> dict[str, Any]:
     """Measure the sharpness of the run in ``run_dir`` at its checkpoint; write the plots and
     ``analysis.json`` into ``out`` (default ``run_dir/analysis``) and return the numbers."""
-    trainer = load_trainer(run_dir, catalogue, device)
+    trainer = load_trainer(run_dir, catalogue, device, trust=trust)
     loss = masked_loss_of(trainer, batches)
     result = sharpness(loss, points=points, radius=radius, iters=iters, tol=tol, seed=seed)
     result.update({

@@ -3,6 +3,8 @@ optimizer, learning-rate schedule, run directory — and drives the step lifecyc
 :class:`~sparsefw.sparsifier.Sparsifier` over the data, with evaluation, logging and
 checkpoints. The lifecycle itself (hooks and their order, see ``docs/hooks.md``) lives in the
 Sparsifier, which a user's own loop drives the same way; the Trainer is one front door to it.
+Its divergence guard (:mod:`sparsefw.engine.guard`) is handed to the Sparsifier, which runs it
+on each step's loss and final gradients right before the optimizer step.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 
 from sparsefw.config import ConfigError, RunConfig
 from sparsefw.engine import checkpoint, distributed
+from sparsefw.engine.guard import DivergenceGuard
 from sparsefw.engine.loaders import BatchSource
 from sparsefw.engine.optim import build_lr_schedule, build_optimizer
 from sparsefw.engine.rundir import make_run_dir, write_run_info
@@ -29,7 +32,11 @@ def resolve_device(name: str) -> torch.device:
     """``"auto"`` is CUDA when available, else CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and not (backend is not None and backend.is_available()):
+        raise ConfigError([f"[train] device = {name!r}: no {device.type} device on this machine"])
+    return device
 
 
 class Trainer:
@@ -106,13 +113,15 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.amp == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.amp)
 
+        self.guard = DivergenceGuard(tc.on_nonfinite, tc.max_nonfinite_skips, tc.log_every,
+                                     self.device, gradients=tc.amp != "fp16")
         # the step lifecycle: the same object a user's own loop drives
         self.sparsifier = Sparsifier(
             model, self.optimizer, cfg, catalogue=catalogue, total_steps=self.total_steps,
             steps_per_epoch=self.steps_per_epoch, scaler=self.scaler, loss_fn=F.cross_entropy,
             init_masks=False, forward_model=self.forward_model, dist=self.dist,
             observers=self.dist.is_main, front_door="trainer",
-            after_optimizer_step=self._after_optimizer_step,
+            after_optimizer_step=self._after_optimizer_step, guard=self.guard,
         )
         self.sparsifier.local_forward_model = self.local_model
         self.masks = self.sparsifier.masks
@@ -234,8 +243,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoint.pt`` atomically into the run directory."""
+        """Write ``checkpoint.pt`` atomically into the run directory (the one it replaces
+        is kept as ``checkpoint.prev.pt``); never when the weights are non-finite."""
         st = self.state
+        self.guard.check_weights(st.step, self.model.parameters())
         payload = {
             "step": st.step,
             "epoch": st.epoch,
@@ -249,6 +260,7 @@ class Trainer:
             "lifecycle": self.sparsifier.lifecycle_state(),
             "acc": self._acc,
             "passes": dict(st.passes),
+            "guard": self.guard.state_dict(),
         }
         path = self.run_dir / checkpoint.CHECKPOINT
         if self.dist.is_main:
@@ -256,9 +268,11 @@ class Trainer:
         distributed.barrier(self.dist)
         return path
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Restore everything :meth:`save_checkpoint` wrote; training continues from there."""
-        payload = checkpoint.load(path, map_location=self.device)
+    def load_checkpoint(self, path: str | Path, *, trust: bool = False) -> None:
+        """Restore everything :meth:`save_checkpoint` wrote; training continues from there.
+        ``trust`` loads with full unpickling (unsafe; see :func:`checkpoint.load`)."""
+        payload = checkpoint.load(path, map_location=self.device, trust=trust)
+        checkpoint.check_payload(path, payload, self.model)
         st = self.state
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
@@ -273,6 +287,7 @@ class Trainer:
         checkpoint.set_rng_states(payload["rng"], st.generator)
         self.sparsifier.load_lifecycle_state(payload.get("lifecycle", {}))
         self.plugins.load_states(st, payload["plugins"])
+        self.guard.load_state_dict(payload.get("guard", {}))
         self.resumed = True
 
     # ------------------------------------------------------------------ the run
@@ -327,8 +342,7 @@ class Trainer:
         if not self.resumed:
             self._init_masks()
             if self.dist.is_main:
-                write_run_info(self.run_dir, self.cfg, self.raw_config, self.catalogue,
-                               self.plugins)
+                write_run_info(self.run_dir, self.cfg, self.raw_config, self.catalogue)
         self.plugins.hook.sparsefw_run_start(state=st)
         metrics: dict[str, float] = {}
         started = time.perf_counter()
@@ -344,6 +358,7 @@ class Trainer:
             epoch_end = False
             for x, y in self.train_source.epoch(st.epoch, start):
                 self.step(x, y)
+                self.guard.poll(st.step)
                 nxt_round, nxt_it = self.position(st.step)
                 epoch_end = (st.step >= st.total_steps or nxt_round != rnd
                              or nxt_it % spe == 0)
@@ -375,17 +390,19 @@ def train(
     raw_config: dict | None = None,
     resume: str | Path | None = None,
     config_source: str = "<config>",
+    trust_checkpoint: bool = False,
 ) -> tuple[Trainer, dict[str, float]]:
-    """Build a :class:`Trainer` and run it; with ``resume`` continue the run in that directory."""
+    """Build a :class:`Trainer` and run it; with ``resume`` continue the run in that directory
+    (``trust_checkpoint``: load its checkpoint with full unpickling, unsafe)."""
     if resume is not None:
         run_dir = Path(resume)
+        ckpt = checkpoint.resume_path(resume)
     trainer = Trainer(cfg, catalogue, run_dir=run_dir, raw_config=raw_config,
                       config_source=config_source)
     if resume is not None:
-        ckpt = Path(resume) / checkpoint.CHECKPOINT
-        if not ckpt.exists():
-            raise FileNotFoundError(f"--resume {resume}: no {checkpoint.CHECKPOINT} there")
-        trainer.load_checkpoint(ckpt)
+        if trainer.dist.is_main:  # a kill while writing leaves a temporary file
+            checkpoint.remove_stale_temps(run_dir)
+        trainer.load_checkpoint(ckpt, trust=trust_checkpoint)
     metrics = trainer.fit()
     return trainer, metrics
 

@@ -61,6 +61,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import pickle
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -83,6 +84,7 @@ from sparsefw.config import (
     SparsityConfig,
     TrainConfig,
 )
+from sparsefw.engine.checkpoint import SAFE_GLOBALS
 from sparsefw.masks import MaskSet, sparsifiable_params, topk_mask
 from sparsefw.plugins import new_manager
 from sparsefw.registry import COMPONENT_SLOTS, EmptyConfig, Entry, Registry, hook_problems
@@ -880,7 +882,8 @@ def _assert_same(entry: Entry, a: Any, b: Any, path: str) -> None:
 @_contract_check
 def check_state_dict(entry: Entry, config: Any = None, *, h: Hints) -> None:
     """For a component with ``sparsefw_state_dict``: after a few hook calls its state survives
-    ``torch.save``/``torch.load``, and a fresh instance that loads it saves the same state."""
+    ``torch.save`` and a weights-only ``torch.load`` (what resuming uses), and a fresh instance
+    that loads it saves the same state."""
     cfg = _config(entry, config, h)
     instance = _build(entry, cfg, "state_dict")
     pm = _manager(entry, instance, "state_dict")
@@ -902,7 +905,13 @@ def check_state_dict(entry: Entry, config: Any = None, *, h: Hints) -> None:
     except Exception as exc:
         raise _fail(entry, "state_dict", f"its state cannot be torch.save'd: {exc!r}") from exc
     buf.seek(0)
-    loaded = torch.load(buf, weights_only=False)
+    try:  # checkpoints are loaded weights-only: a state must not need code to unpickle
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            loaded = torch.load(buf, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise _fail(entry, "state_dict", "its state does not load with weights_only=True "
+                    "(keep it to tensors and plain data, or add its classes to "
+                    f"sparsefw.engine.checkpoint.SAFE_GLOBALS): {exc}") from exc
     fresh_pm = _manager(entry, _build(entry, cfg, "state_dict"), "state_dict")
     fresh = make_state(density=h.density, kind=h.mask_kind, values=h.values,
                        total_steps=h.total_steps)

@@ -1,0 +1,120 @@
+"""The divergence guard: a non-finite loss or gradient ends the run (or, if configured, skips
+that step's update) with an error that names the step, and non-finite weights are never
+written over a good checkpoint.
+
+``[train] on_nonfinite``:
+
+* ``"stop"`` (default): each step folds "was the loss or any gradient non-finite" into two small
+  tensors on the device (the first such step and what it was), with no host sync; :meth:`poll`
+  reads them once per logging window and :meth:`check` before every checkpoint write, raising
+  :class:`Diverged`. Training may run on for up to one logging window after the bad step, but
+  nothing it computed is written: the checkpoint before the bad step stays the latest.
+* ``"skip"``: the step's optimizer update is skipped instead and counted (one host sync per
+  step, to decide); more than ``max_nonfinite_skips`` skipped steps raise :class:`Diverged`.
+
+Under fp16 autocast the gradient scaler already skips steps whose scaled gradients overflow
+(and lowers its scale), so the guard checks the loss only. Before a checkpoint is written the
+weights themselves are checked too (an update can overflow with finite gradients).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+#: what was non-finite, as the codes folded into the device flag
+_WHAT = {1: "loss", 2: "gradient", 3: "loss and gradient"}
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss, gradient or weight."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+def _nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A bool scalar on the tensors' device: does any entry of ``tensors`` fail to be
+    finite? (A NaN or an infinity makes its tensor's norm, and so the sum, non-finite.)"""
+    norms = torch._foreach_norm(tensors)
+    return ~torch.isfinite(torch.stack(norms).sum())
+
+
+class DivergenceGuard:
+    """Watches one run's losses, gradients and weights (see the module docstring)."""
+
+    def __init__(self, policy: str, max_skips: int, every: int, device: torch.device, *,
+                 gradients: bool = True):
+        self.policy = policy
+        self.max_skips = max_skips
+        self.every = every
+        self.gradients = gradients
+        self.skipped = 0
+        self._first = torch.full((), -1, dtype=torch.long, device=device)
+        self._what = torch.zeros((), dtype=torch.long, device=device)
+
+    def after_backward(self, step: int, loss: torch.Tensor | None,
+                       params: Iterable[torch.Tensor]) -> bool:
+        """Look at step ``step``'s loss (``None``: not known to the front door) and final
+        gradients (of ``params``); returns whether the optimizer update must be skipped (policy
+        ``"skip"`` only)."""
+        code = (~torch.isfinite(loss)).long() if loss is not None else self._what.new_zeros(())
+        if self.gradients:
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                code = code + 2 * _nonfinite(grads).long()
+        if self.policy == "skip":
+            what = int(code)
+            if what:
+                self.skipped += 1
+                if self.skipped > self.max_skips:
+                    raise Diverged(f"training diverged: non-finite {_WHAT[what]} at step {step}, "
+                                   f"the {self.skipped}th step skipped for a non-finite value "
+                                   f"(more than [train] max_nonfinite_skips = {self.max_skips})",
+                                   step)
+            return bool(what)
+        first = (code > 0) & (self._first < 0)
+        self._first = torch.where(first, step, self._first)
+        self._what = torch.where(first, code, self._what)
+        return False
+
+    def poll(self, step: int) -> None:
+        """At the end of a logging window (every ``every`` steps), :meth:`check`."""
+        if step % self.every == 0:
+            self.check()
+
+    def check(self) -> None:
+        """Raise :class:`Diverged` if a non-finite loss or gradient was seen (one host
+        sync)."""
+        if self.policy == "skip":
+            return
+        first = int(self._first)
+        if first >= 0:
+            what = _WHAT[int(self._what)]
+            raise Diverged(f"training diverged: non-finite {what} at step {first}; the run "
+                           f"stopped and nothing from that step on was checkpointed (lower the "
+                           f"learning rate, or set [train] on_nonfinite = \"skip\")", first)
+
+    def check_weights(self, step: int, params: Iterable[torch.Tensor]) -> None:
+        """Raise :class:`Diverged` if a weight is non-finite (before a checkpoint write)."""
+        self.check()
+        params = list(params)
+        if not params:
+            return
+        with torch.no_grad():  # a NaN or an infinity makes the sum of the norms non-finite
+            total = torch.stack(torch._foreach_norm(params)).sum().item()
+        if not math.isfinite(total):
+            raise Diverged(f"training diverged: non-finite weights after step {step} (an "
+                           f"update overflowed); the run stopped without checkpointing them",
+                           step)
+
+    def state_dict(self) -> dict[str, int]:
+        """What a resume needs (the count of skipped steps)."""
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.skipped = int(state.get("skipped", 0))
