@@ -33,6 +33,7 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
 from sparsefw.distributions import DISTRIBUTIONS
 from sparsefw.masks import MASK_KINDS
+from sparsefw.sparse_compute import COMPUTE_MODES
 from sparsefw.registry import Registry
 
 
@@ -133,13 +134,16 @@ class LRScheduleConfig:
 
 @attrs.frozen
 class SparsityConfig:
-    """``[sparsity]``: global density, its layer-wise allocation and the masking kind."""
+    """``[sparsity]``: global density, its layer-wise allocation, the masking kind and how masked
+    layers compute (``compute``: ``dense``, ``sparse`` kernels, or ``auto``, measured per layer)."""
 
     density: float = attrs.field(default=1.0, validator=in_range(0, 1))
     distribution: str = attrs.field(default="erk", validator=one_of(*DISTRIBUTIONS))
     #: fnmatch patterns of parameter or module names kept dense
     dense_layers: tuple[str, ...] = ()
     kind: str = attrs.field(default="hard", validator=one_of(*MASK_KINDS))
+    #: how masked Linear layers compute in training (:mod:`sparsefw.sparse_compute`)
+    compute: str = attrs.field(default="dense", validator=one_of(*COMPUTE_MODES))
 
 
 @attrs.frozen
