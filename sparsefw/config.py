@@ -33,8 +33,8 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
 from sparsefw.distributions import DISTRIBUTIONS
 from sparsefw.masks import MASK_KINDS
-from sparsefw.sparse_compute import COMPUTE_MODES
 from sparsefw.registry import Registry
+from sparsefw.sparse_compute import COMPUTE_MODES
 
 
 class ConfigError(ValueError):

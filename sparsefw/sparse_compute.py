@@ -36,6 +36,7 @@ autocast. Convolutions always compute densely.
 from __future__ import annotations
 
 import types
+
 import torch
 import torch.nn.functional as F
 from torch import nn
