@@ -109,17 +109,27 @@ def _is_conv1x1(m: nn.Module) -> bool:
             and m.padding_mode == "zeros")
 
 
-def _candidates(module: nn.Module, name: str) -> dict[str, nn.Module]:
-    """Each layout as a module computing what ``module`` computes (dense: ``module`` itself)."""
+def _candidates(module: nn.Module, x: torch.Tensor) -> dict[str, nn.Module]:
+    """Each layout as a module computing what ``module`` computes (dense: ``module`` itself),
+    keeping only those whose kernels run here on ``x`` (e.g. no BSR kernel for some dtypes)."""
     conv = not isinstance(module, nn.Linear)
     w2 = module.weight.detach().reshape(module.weight.shape[0], -1)
-    out: dict[str, nn.Module] = {"dense": module}
-    out["csr"] = SparseLinear(w2, module.bias, [0], ["csr"], conv1x1=conv)
+    makers = {"csr": lambda: SparseLinear(w2, module.bias, [0], ["csr"], conv1x1=conv)}
     bs = block_size(w2)
     if bs:
-        out[f"bsr{bs}"] = SparseLinear(w2, module.bias, [0], ["bsr"], bs, conv1x1=conv)
+        makers[f"bsr{bs}"] = lambda: SparseLinear(w2, module.bias, [0], ["bsr"], bs,
+                                                  conv1x1=conv)
     if not conv and _semi_structured_ok(w2):
-        out["2:4"] = SemiStructuredLinear(w2, module.bias, [0], ["2:4"])
+        makers["2:4"] = lambda: SemiStructuredLinear(w2, module.bias, [0], ["2:4"])
+    out: dict[str, nn.Module] = {"dense": module}
+    for name, make in makers.items():
+        try:
+            layer = make()
+            with torch.no_grad():
+                layer(x)
+        except (RuntimeError, NotImplementedError, ValueError):
+            continue  # no kernel for this layout, dtype or shape on this device
+        out[name] = layer
     return out
 
 
@@ -219,7 +229,7 @@ def to_runtime(
     threads = torch.get_num_threads() if dev.type == "cpu" else 0
     choices = []
     for name, module in layers.items():
-        cands = _candidates(module, name)
+        cands = _candidates(module, inputs[batches[0]][name])
         w = module.weight
         nnz = int(torch.count_nonzero(w))
         rows, layouts, times = [], [], []
