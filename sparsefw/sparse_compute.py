@@ -22,6 +22,11 @@ calls :class:`_SparseLinearFunction` with the layer's packed index structure.
   among them: see below).
 * **Dense-gradient steps.** On a step whose after-backward topology update is due (RigL grows by
   the dense gradient), the weight gradient is the dense product, returned normally.
+* **When.** The sparse path runs in the forward/backward of a training step (the Sparsifier
+  marks it: ``step(closure)``'s closure, or from the first forward to ``step()`` in a loop
+  without a closure) and under ``torch.no_grad`` (evaluation). Passes outside a step (SNIP and
+  GraSP scores, diagnostics) compute densely, so ``torch.autograd.grad`` callers get ordinary
+  weight gradients.
 * **auto** measures, per layer and on its first training input, forward + backward of the dense
   Linear against the sparse path (interleaved medians, :mod:`sparsefw.timing`) and keeps the
   sparse path only where it is faster by :data:`AUTO_MARGIN`; measurements are cached per
@@ -181,14 +186,19 @@ class SparseCompute:
         self.choice: dict[str, bool] = {n: True for n in self.layers} if mode == "sparse" else {}
         self.times: dict[str, dict[str, float]] = {}
         self._dense_gradient = False
+        #: the sparse path runs in a training step's own forward/backward (the Sparsifier sets
+        #: it) and without autograd; passes outside a step (SNIP/GraSP scores, diagnostics,
+        #: ``torch.autograd.grad`` callers) compute densely and get ordinary weight gradients
+        self.active = False
         for name, mod in self.modules.items():
             mod.forward = types.MethodType(self._forward_of(name), mod)
 
     # ------------------------------------------------------------------ the swap
     def _forward_of(self, name: str):
         def forward(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-            if mod.weight is not self.masks.params[self.layers[name]]:
-                return F.linear(x, mod.weight, mod.bias)  # weights substituted from outside
+            if mod.weight is not self.masks.params[self.layers[name]] or (
+                    torch.is_grad_enabled() and not self.active):
+                return F.linear(x, mod.weight, mod.bias)
             if name not in self.choice:
                 if not (mod.training and torch.is_grad_enabled()):
                     return F.linear(x, mod.weight, mod.bias)

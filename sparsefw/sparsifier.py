@@ -330,6 +330,12 @@ class Sparsifier:
             return None
         return sparse_compute.SparseCompute(self.model, self.masks, mode)
 
+    def _sparse_compute_active(self, active: bool) -> None:
+        """Mark the step's own forward/backward, where sparse compute runs (see
+        :mod:`sparsefw.sparse_compute`)."""
+        if self.compute is not None:
+            self.compute.active = active
+
     def _refuse(self, need: str):
         who = ", ".join(self.needs.get(need, ["a component"]))
         raise SparsifierError(f"{who} needs {NEEDS[need]}")
@@ -570,6 +576,7 @@ class Sparsifier:
         if self._prepared_step == self.state.step:
             return
         self.pre_forward()
+        self._sparse_compute_active(True)
         if "closure" not in self.needs:
             self._pending = self._apply_perturbations(self._perturb())
 
@@ -588,6 +595,7 @@ class Sparsifier:
         corrections, and zero the pruned gradients (hard masks)."""
         st = self.state
         self._restore()
+        self._sparse_compute_active(False)
         if self._prepared_step != st.step:  # no forward seen (compiled hooks): prepare late
             self.pre_forward()
         if loss is not None:
@@ -650,12 +658,14 @@ class Sparsifier:
                 self.zero_grad()
                 st.inputs = next((p.inputs for p in reversed(perts) if p.inputs is not None), None)
                 restore = self._apply_perturbations(perts)
+                self._sparse_compute_active(True)
                 loss = self._run_closure(closure)
                 if restore is not None:
                     with torch.no_grad():
                         torch._foreach_copy_(*restore)
             finally:
                 self._in_step = False
+                self._sparse_compute_active(False)
                 st.closure = self._missing("closure")
             self.post_backward(loss)
         self.optimizer_step()
