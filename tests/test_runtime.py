@@ -89,6 +89,21 @@ def test_runtime_equals_masked_model_for_every_family(registry, family, layout):
         assert all(isinstance(rt.module.get_submodule(c.name), SparseLinear) for c in rt.choices)
 
 
+@given(widths=st.lists(st.integers(1, 24), min_size=2, max_size=4),
+       density=st.floats(0.0, 1.0), layout=st.sampled_from(["csr", "bsr"]),
+       batch=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_runtime_of_drawn_mlps_equals_the_masked_model(widths, density, layout, batch, seed):
+    from sparsefw.models import MLP
+
+    torch.manual_seed(seed)
+    model = MLP(widths[0], tuple(widths[1:-1]), widths[-1]).eval()
+    masks = {n: torch.rand_like(p) < density for n, p in sparsifiable_params(model).items()}
+    x = torch.randn(batch, widths[0])
+    rt = runtime.to_runtime(model, x, masks=masks, batch_sizes=(1, batch), layout=layout)
+    with torch.no_grad():
+        assert (rt.module(x) - masked_output(model, masks, x)).abs().max().item() <= 1e-4
+
+
 def test_channel_pruned_model_stays_physically_smaller(registry):
     from sparsefw.channels import count_params
 
