@@ -268,7 +268,8 @@ def _time_layer(mod: nn.Linear, mask: torch.Tensor, x: torch.Tensor) -> dict[str
     w = nn.Parameter(mod.weight.detach() * mask)
     b = nn.Parameter(mod.bias.detach().clone()) if mod.bias is not None else None
     xi = x.clone().requires_grad_(True)
-    gy = torch.randn(x.shape[0], mod.out_features, dtype=x.dtype, device=x.device)
+    gen = torch.Generator(device=x.device).manual_seed(0)  # the run's random stream is untouched
+    gy = torch.randn(x.shape[0], mod.out_features, dtype=x.dtype, device=x.device, generator=gen)
     packed = PackedWeight(w, mask)
 
     def dense():

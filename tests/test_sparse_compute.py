@@ -189,3 +189,18 @@ def test_loop_without_closure_follows_the_dense_loop():
     for a, b in zip(run("dense").state_dict().values(), run("sparse").state_dict().values(),
                     strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_auto_measurement_leaves_the_random_stream_alone(monkeypatch):
+    monkeypatch.setattr(sparse_compute, "CACHE", {})
+    layer = nn.Linear(16, 8)
+    masks = MaskSet({"weight": layer.weight})
+    masks.update("weight", torch.rand(8, 16) < 0.3)
+    masks.apply_()
+    comp = SparseCompute(layer, masks, "auto")
+    comp.active = True
+    x = torch.randn(4, 16)
+    before = torch.get_rng_state()
+    layer(x).sum().backward()
+    assert comp.summary()[""] in ("sparse", "dense") and comp.times[""]
+    assert torch.equal(torch.get_rng_state(), before)
