@@ -104,7 +104,8 @@ def inference(name: str, density: float, batches: list[int], repeats: int) -> di
         with torch.no_grad():
             err = (rt.module(x) - dense(x)).abs().max().item()
             t = timing.median_times({"dense": lambda x=x: dense(x),
-                                     "runtime": lambda x=x: rt.module(x)}, repeats=repeats)
+                                     "runtime": lambda x=x: rt.module(x)}, repeats=repeats,
+                                    warmup=3)
         rows.append({"batch": b, "dense_ms": t["dense"] * 1e3, "runtime_ms": t["runtime"] * 1e3,
                      "speedup": t["dense"] / t["runtime"], "max_abs_diff": err})
     return {"rows": rows, "choices": format_choices(rt.choices),
@@ -139,10 +140,24 @@ def training(name: str, density: float, batches: list[int], repeats: int) -> lis
             steps[compute] = step
             if sp.compute is not None:
                 summary = sp.compute.summary()
-        t = timing.median_times(steps, repeats=repeats, number=1, warmup=0)
+        t = timing.median_times(steps, repeats=repeats, number=1, warmup=1)
         out.append({"batch": b, "dense_ms": t["dense"] * 1e3, "auto_ms": t["auto"] * 1e3,
                     "speedup": t["dense"] / t["auto"], "layers": summary})
     return out
+
+
+def summary(runs: list[dict]) -> str:
+    """One Markdown row per model, density and thread count: the speed-ups per batch size."""
+    lines = ["| model | density | threads | inference: dense ms → speed-up, per batch | "
+             "training step: dense ms → speed-up, per batch |", "|---|---|---|---|---|"]
+    for r in runs:
+        inf = "; ".join(f"{x['batch']}: {x['dense_ms']:.2f} → {x['speedup']:.2f}×"
+                        for x in r.get("inference", {}).get("rows", []))
+        tr = "; ".join(f"{x['batch']}: {x['dense_ms']:.1f} → {x['speedup']:.2f}×"
+                       for x in r.get("training", []))
+        lines.append(f"| {r['model']} | {r['density']} | {r['threads']} | {inf or '—'} "
+                     f"| {tr or '—'} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -188,6 +203,8 @@ def main(argv=None) -> int:
                 results["runs"].append(run)
                 sys.stdout.flush()
     torch.set_num_threads(default_threads)
+    print("\n## Summary (speed-up = dense time / sparse time)\n")
+    print(summary(results["runs"]))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

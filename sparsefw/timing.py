@@ -23,7 +23,7 @@ def median_times(
     *,
     repeats: int = 5,
     number: int = 3,
-    warmup: int = 1,
+    warmup: int = 2,
     device: torch.device | None = None,
 ) -> dict[str, float]:
     """Seconds per call of each candidate: the median over ``repeats`` of the mean of
