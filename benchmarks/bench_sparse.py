@@ -21,7 +21,7 @@ defaults) at each density. For every model, density and batch size:
   runtime time, with the per-layer choices;
 * **training** (not for the conv nets): one ``Sparsifier.step(closure)`` with SGD (momentum 0.9,
   weight decay 5e-4), ``compute = "dense"`` against ``compute = "auto"`` (auto's per-layer
-  measurement happens in a warm-up step, outside the timing).
+  measurement and its whole-step check happen in warm-up steps, outside the timing).
 
 Every figure is measured with one thread and with torch's default thread count. Usage::
 
@@ -45,7 +45,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sparsefw import Sparsifier, runtime, timing  # noqa: E402
+from sparsefw import Sparsifier, runtime, sparse_compute, timing  # noqa: E402
 from sparsefw.models import MLP  # noqa: E402
 from sparsefw.models.vit import Block  # noqa: E402
 from sparsefw.runtime_export import format_choices  # noqa: E402
@@ -136,7 +136,9 @@ def training(name: str, density: float, batches: list[int], repeats: int) -> lis
                     return loss
                 sp.step(closure)
 
-            step()  # warm-up: auto measures its layers here
+            # warm-up: auto measures its layers, then checks them on whole steps
+            for _ in range(1 if compute == "dense" else sparse_compute.TRIAL_STEPS + 1):
+                step()
             steps[compute] = step
             if sp.compute is not None:
                 summary = sp.compute.summary()

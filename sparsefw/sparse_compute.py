@@ -30,7 +30,9 @@ calls :class:`_SparseLinearFunction` with the layer's packed index structure.
 * **auto** measures, per layer and on its first training input, forward + backward of the dense
   Linear against the sparse path (interleaved medians, :mod:`sparsefw.timing`) and keeps the
   sparse path only where it is faster by :data:`AUTO_MARGIN`; measurements are cached per
-  shape, non-zeros, rows, dtype, device and thread count.
+  shape, non-zeros, rows, dtype, device and thread count. It then checks the choices on whole
+  steps: for :data:`TRIAL_STEPS` steps the forward/backward alternates between the choices and
+  all-dense, and unless the choices win by the same margin, every layer goes back to dense.
 
 What it does not do (``sparse`` refuses with the reason, ``auto`` computes densely): forward
 masks (their dense weights are trained), perturbation and gradient-correction components (they
@@ -40,6 +42,8 @@ autocast. Convolutions always compute densely.
 
 from __future__ import annotations
 
+import statistics
+import time
 import types
 
 import torch
@@ -54,6 +58,8 @@ __all__ = ["AUTO_MARGIN", "COMPUTE_MODES", "PackedWeight", "SparseCompute", "uns
 COMPUTE_MODES = ("dense", "sparse", "auto")
 #: auto keeps the sparse path only if its forward + backward is this much faster than dense
 AUTO_MARGIN = 0.1
+#: auto: steps of its whole-step check (alternating chosen/dense; the first two are warm-up)
+TRIAL_STEPS = 10
 #: measured seconds, ``key -> {"dense": s, "sparse": s}``
 CACHE: dict[tuple, dict[str, float]] = {}
 
@@ -189,7 +195,12 @@ class SparseCompute:
         #: the sparse path runs in a training step's own forward/backward (the Sparsifier sets
         #: it) and without autograd; passes outside a step (SNIP/GraSP scores, diagnostics,
         #: ``torch.autograd.grad`` callers) compute densely and get ordinary weight gradients
-        self.active = False
+        self._active = False
+        #: auto's check of its per-layer choices on whole steps (see :meth:`_end_pass`)
+        self.trial: list[tuple[bool, float]] = []
+        self.verified: bool | None = None if mode == "auto" else True
+        self.clock = time.perf_counter
+        self._started: float | None = None
         for name, mod in self.modules.items():
             mod.forward = types.MethodType(self._forward_of(name), mod)
 
@@ -203,7 +214,7 @@ class SparseCompute:
                 if not (mod.training and torch.is_grad_enabled()):
                     return F.linear(x, mod.weight, mod.bias)
                 self.choice[name] = self._measure(name, x)
-            if not self.choice[name]:
+            if not self.choice[name] or (self.verified is None and self._trial_dense):
                 return F.linear(x, mod.weight, mod.bias)
             return sparse_linear(x, mod, self._packing(name))
         return forward
@@ -255,6 +266,53 @@ class SparseCompute:
         self.times[name] = CACHE[key]
         t = CACHE[key]
         return timing.pick(t, "dense", AUTO_MARGIN) == "sparse"
+
+    # ------------------------------------------------------------------ auto's step check
+    @property
+    def active(self) -> bool:
+        """Whether a training step's own forward/backward is running (set by the Sparsifier)."""
+        return self._active
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        value = bool(value)
+        if value and not self._active:
+            self._start_pass()
+        elif self._active and not value:
+            self._end_pass()
+        self._active = value
+
+    @property
+    def _trial_dense(self) -> bool:
+        """During auto's check, every other step computes densely."""
+        return len(self.trial) % 2 == 1
+
+    def _sync(self) -> None:
+        if self.masks.params and next(iter(self.masks.params.values())).is_cuda:
+            torch.cuda.synchronize()
+
+    def _start_pass(self) -> None:
+        if self.verified is None and any(self.choice.values()):
+            self._sync()
+            self._started = self.clock()
+
+    def _end_pass(self) -> None:
+        """auto: the per-layer choices are measured in isolation; whole steps see more (the
+        other layers, memory traffic, a busy machine). For :data:`TRIAL_STEPS` steps after the
+        choices exist, forward/backward alternate between them and all-dense; unless the
+        choices' median beats dense's by :data:`AUTO_MARGIN`, every layer computes densely."""
+        if self._started is None:
+            return
+        self._sync()
+        self.trial.append((self._trial_dense, self.clock() - self._started))
+        self._started = None
+        if len(self.trial) >= TRIAL_STEPS:
+            kept = self.trial[2:]  # the first pair warms both up
+            sparse = statistics.median(t for dense, t in kept if not dense)
+            dense = statistics.median(t for dense, t in kept if dense)
+            self.verified = sparse * (1.0 + AUTO_MARGIN) <= dense
+            if not self.verified:
+                self.choice = {n: False for n in self.choice}
 
     def summary(self) -> dict[str, str]:
         """``module name -> "sparse" | "dense" | "unmeasured"``."""

@@ -204,3 +204,37 @@ def test_auto_measurement_leaves_the_random_stream_alone(monkeypatch):
     layer(x).sum().backward()
     assert comp.summary()[""] in ("sparse", "dense") and comp.times[""]
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("sparse_cost, kept", [(3.0, "dense"), (0.5, "sparse")])
+def test_auto_checks_its_choices_on_whole_steps(monkeypatch, sparse_cost, kept):
+    """Layers measured faster in isolation go back to dense when whole steps with them are not
+    faster than all-dense steps (alternated for TRIAL_STEPS steps)."""
+    monkeypatch.setattr(sparse_compute, "CACHE", {})
+    monkeypatch.setattr(timing, "median_times", lambda c, **_: {"dense": 1.0, "sparse": 0.5})
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = Sparsifier(model, opt, density=0.3, distribution="uniform", compute="auto",
+                    total_steps=40)
+    comp = sp.compute
+    now = [0.0]
+
+    def clock():
+        now[0] += 1.0 if comp._trial_dense else sparse_cost
+        return now[0]
+
+    comp.clock = clock
+    x, y = torch.randn(8, 12), torch.randint(0, 3, (8,))
+    modes = []
+    for _ in range(sparse_compute.TRIAL_STEPS + 3):
+        def closure():
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        sp.step(closure)
+        modes.append(comp.verified)
+    assert comp.verified is (kept == "sparse")
+    assert modes[sparse_compute.TRIAL_STEPS - 1] is None  # decided after the trial's last step
+    assert [dense for dense, _ in comp.trial[:4]] == [False, True, False, True]
+    assert set(comp.summary().values()) == {kept}
