@@ -47,6 +47,8 @@ MASK_KINDS = ("hard", "forward")
 #: the values of ``[sparsity] init`` (:mod:`sparsefw.initialisation` implements them; kept here so
 #: that reading a config needs no torch)
 INITS = ("dense", "sparse_fan_in")
+#: the values of ``[sparsity] compute`` (:mod:`sparsefw.sparse_compute` implements them)
+COMPUTE_MODES = ("dense", "sparse", "auto")
 #: longest value shown in an error message (:func:`short`)
 SHOWN = 80
 #: longest problem line; a longer one (a plugin's message echoing a huge value) is cut
@@ -219,7 +221,8 @@ class LRScheduleConfig:
 
 @attrs.frozen
 class SparsityConfig:
-    """``[sparsity]``: global density, its layer-wise allocation and the masking kind."""
+    """``[sparsity]``: global density, its layer-wise allocation, the masking kind and how masked
+    layers compute (``compute``: ``dense``, ``sparse`` kernels, or ``auto``, measured per layer)."""
 
     density: float = attrs.field(default=1.0, validator=in_range(0, 1))
     distribution: str = attrs.field(default="erk", validator=one_of(*DISTRIBUTIONS))
@@ -237,6 +240,9 @@ class SparsityConfig:
     #: fan-in each unit keeps (Evci et al. 2022, arXiv 2010.03533); ``dense``: as the model
     #: initialised them
     init: str = attrs.field(default="dense", validator=one_of(*INITS))
+
+    #: how masked Linear layers compute in training (:mod:`sparsefw.sparse_compute`)
+    compute: str = attrs.field(default="dense", validator=one_of(*COMPUTE_MODES))
 
 
 @attrs.frozen

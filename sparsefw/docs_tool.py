@@ -244,6 +244,9 @@ def _core_notes() -> dict[tuple[type, str], str]:
             "density": "global fraction of active weights over the sparsified layers",
             "distribution": "layer-wise allocation of the density",
             "kind": "`hard`: pruned weights are zero; `forward`: dense weights, masked forward",
+            "compute": "masked Linear layers in training: `dense`; `sparse` kernels (CSR "
+                       "forward, sampled weight gradient); `auto`: measured per layer (see "
+                       "docs/speed.md)",
         },
         c.LoggingConfig: {"observers": "observer components, by name"},
     }

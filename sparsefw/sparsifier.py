@@ -75,11 +75,11 @@ def default_catalogue() -> Catalogue:
 
 def _shortcut_tables(shortcuts: Mapping[str, Any]) -> dict:
     """Keyword shortcuts (``density``, ``distribution``, ``dense_layers``, ``kind``,
-    ``first_layer_dense``, ``er_kernel``, ``init``, ``mask_init``, ``topology``) as config
+    ``first_layer_dense``, ``er_kernel``, ``init``, ``compute``, ``mask_init``, ``topology``) as config
     tables."""
     out: dict[str, Any] = {}
     sparsity = {k: shortcuts[k] for k in ("density", "distribution", "dense_layers", "kind",
-                                          "first_layer_dense", "er_kernel", "init")
+                                          "first_layer_dense", "er_kernel", "init", "compute")
                 if shortcuts.get(k) is not None}
     if sparsity:
         out["sparsity"] = sparsity
@@ -178,9 +178,10 @@ class Sparsifier:
     the Linear/Conv weights that require grad, belong to ``optimizer`` and match no
     ``[sparsity] dense_layers`` pattern. ``config`` holds the method sections of a run config
     (a TOML path or string, a dict, or a :class:`~sparsefw.config.RunConfig`); keyword shortcuts
-    (``density``, ``distribution``, ``dense_layers``, ``kind``, ``mask_init``, ``topology``)
-    are merged over it. ``total_steps`` is the number of optimizer steps of the run
-    (topology schedules need it). ``steps_per_epoch`` makes epoch boundaries implicit; without
+    (``density``, ``distribution``, ``dense_layers``, ``kind``, ``compute``, ``mask_init``,
+    ``topology``) are merged over it. ``[sparsity] compute`` (``sparse``/``auto``) makes the
+    masked Linear layers compute with sparse kernels (:mod:`sparsefw.sparse_compute`).
+    ``total_steps`` is the number of optimizer steps of the run (topology schedules need it). ``steps_per_epoch`` makes epoch boundaries implicit; without
     it call :meth:`epoch_end`. ``batches`` (a re-iterable such as a DataLoader, or a callable
     returning an iterator) feeds components that need data outside the step (SNIP/GraSP
     scores, AGENT's statistics pass). ``loss_fn(output, target)`` is what those passes
@@ -318,6 +319,7 @@ class Sparsifier:
             if hasattr(self.forward_model, "_orig_mod") or hasattr(model, "_orig_mod"):
                 hook = torch.compiler.disable(hook)  # runs eagerly before the compiled graph
             self._handles.append(self.model.register_forward_pre_hook(hook))
+        self.compute = self._sparse_compute(sp.compute)
         if check_plugins is None:
             check_plugins = cfg.debug.check_plugins or os.environ.get(
                 "SPARSEFW_CHECK", "").strip().lower() in ("1", "true", "yes", "on")
@@ -343,6 +345,32 @@ class Sparsifier:
                                        f"choices: {', '.join(NEEDS)}"])
                 out.setdefault(need, []).append(comp.key)
         return out
+
+    def _sparse_compute(self, mode: str):
+        """The model's sparse layers (``[sparsity] compute``), or ``None`` for dense compute;
+        ``sparse`` refuses a configuration it cannot run, ``auto`` then stays dense."""
+        from sparsefw import sparse_compute
+
+        if mode == "dense":
+            return None
+        why = sparse_compute.unsupported(
+            self.masks, perturb=bool(self.cfg.perturb),
+            gradient_correct=bool(self.cfg.gradient_correct), ddp=self.ddp is not None,
+            compiled=hasattr(self.forward_model, "_orig_mod"), amp=self.amp_dtype is not None)
+        if why is None and "dense_momentum" in self.needs:
+            why = (f"{', '.join(self.needs['dense_momentum'])} reads the dense gradient at every "
+                   "step, which sparse compute does not form")
+        if why is not None:
+            if mode == "sparse":
+                raise ConfigError([f"[sparsity] compute = \"sparse\": {why}"])
+            return None
+        return sparse_compute.SparseCompute(self.model, self.masks, mode)
+
+    def _sparse_compute_active(self, active: bool) -> None:
+        """Mark the step's own forward/backward, where sparse compute runs (see
+        :mod:`sparsefw.sparse_compute`)."""
+        if self.compute is not None:
+            self.compute.active = active
 
     def _refuse(self, need: str):
         who = ", ".join(self.needs.get(need, ["a component"]))
@@ -469,6 +497,8 @@ class Sparsifier:
         for n, old in before.items():
             self.masks.zero_where(n, old ^ self.masks.masks[n], self.optimizer)
         self.masks.apply_()
+        if self.compute is not None:
+            self.compute.repack()
         distributed.check_in_sync(self.masks.masks, self.dist, "the mask")
         if change is None:
             return False
@@ -573,6 +603,9 @@ class Sparsifier:
         if MASK_DECAY in st.values:  # β of forward masks (MDGF) is a schedule value
             self.masks.decay = float(st.values[MASK_DECAY])
         self._skip_optimizer = False
+        if self.compute is not None:  # an after-backward topology update reads dense gradients
+            self.compute.dense_gradient = (self.topology_phase == "after_backward"
+                                           and self.topology_due())
         if self.topology_phase == "before_forward" and self.topology_due():
             self._skip_optimizer = self.update_topology()
 
@@ -584,6 +617,7 @@ class Sparsifier:
         if self._prepared_step == self.state.step:
             return
         self.pre_forward()
+        self._sparse_compute_active(True)
         if "closure" not in self.needs:
             self._pending = self._apply_perturbations(self._perturb())
 
@@ -602,6 +636,7 @@ class Sparsifier:
         corrections, and zero the pruned gradients (hard masks)."""
         st = self.state
         self._restore()
+        self._sparse_compute_active(False)
         if self._prepared_step != st.step:  # no forward seen (compiled hooks): prepare late
             self.pre_forward()
         if loss is not None:
@@ -689,12 +724,14 @@ class Sparsifier:
                 self.zero_grad()
                 st.inputs = next((p.inputs for p in reversed(perts) if p.inputs is not None), None)
                 restore = self._apply_perturbations(perts)
+                self._sparse_compute_active(True)
                 loss = self._run_closure(closure)
                 if restore is not None:
                     with torch.no_grad():
                         torch._foreach_copy_(*restore)
             finally:
                 self._in_step = False
+                self._sparse_compute_active(False)
                 st.closure = self._missing("closure")
             self.post_backward(loss)
         self.optimizer_step()
@@ -774,10 +811,14 @@ class Sparsifier:
             self._pending = (params, saved)
 
     def remove_hooks(self) -> None:
-        """Detach the forward hooks this Sparsifier put on the model."""
+        """Detach the forward hooks this Sparsifier put on the model (and the sparse-compute
+        forwards)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self.compute is not None:
+            self.compute.remove()
+            self.compute = None
 
     @torch.no_grad()
     def finalize(self) -> None:

@@ -14,6 +14,9 @@ Default (dense storage), next to each other:
 masked tensor as a packed bitmask (1 bit per entry) plus its active values in row-major order,
 every other tensor as is. Decoding needs only torch (see :func:`unpack_sparse`, ten lines you
 can copy). The sizes of both forms are reported.
+
+``--runtime [--device cpu|cuda] [--batch-sizes 1,32]`` writes a sparse runtime model instead
+(:mod:`sparsefw.runtime_export`).
 """
 
 from __future__ import annotations
@@ -226,6 +229,10 @@ def _size(n: int) -> str:
 
 
 def cmd_export(args) -> int:
+    if args.runtime:
+        from sparsefw.runtime_export import cmd_runtime
+
+        return cmd_runtime(args)
     result = export_run(args.run_dir, args.out, sparse=args.sparse,
                         trust=args.trust_checkpoint)
     print(f"exported: {result.path}")
@@ -249,4 +256,11 @@ def register(subparsers) -> None:
     p.add_argument("--sparse", action="store_true",
                    help="store masked tensors as a packed bitmask plus their active values")
     p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    p.add_argument("--runtime", action="store_true",
+                   help="write a sparse runtime model: per layer the fastest of dense/CSR/BSR "
+                        "(/2:4 on CUDA), measured on --device (default RUN_DIR/export/"
+                        "model.runtime.pt)")
+    p.add_argument("--device", default="cpu", help="--runtime: the device to tune for")
+    p.add_argument("--batch-sizes", default="1,32", metavar="N,N",
+                   help="--runtime: the batch sizes to tune for (default 1,32)")
     p.set_defaults(func=cmd_export)
