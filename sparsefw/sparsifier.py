@@ -37,6 +37,7 @@ from torch.func import functional_call
 
 from sparsefw import distributions, initialisation
 from sparsefw.config import ConfigError, RunConfig, apply_overrides, read_toml, structure
+from sparsefw.cost import DENSE_GRAD_PASSES
 from sparsefw.engine import distributed
 from sparsefw.masks import MaskSet, sparsifiable_params
 from sparsefw.plugins import Catalogue, RunPlugins, build_run, load_catalogue
@@ -672,6 +673,8 @@ class Sparsifier:
             bufs, grads = (list(t) for t in zip(*pairs, strict=True))
             torch._foreach_mul_(bufs, self.dense_momentum_beta)
             torch._foreach_add_(bufs, grads)
+        # a backward whose weight gradients were read densely (cost accounting, sparsefw.cost)
+        st.passes[DENSE_GRAD_PASSES] = st.passes.get(DENSE_GRAD_PASSES, 0) + 1
 
     def optimizer_step(self) -> None:
         """``optimizer.step()`` (through the GradScaler when one was given), unless a topology

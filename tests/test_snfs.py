@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sparsefw import config as config_mod
+from sparsefw.commands.report import read_metrics
 from sparsefw.engine import Trainer
 from sparsefw.testing.resume import assert_same_run, interrupted_and_resumed
 from sparsefw.topology import reallocate
@@ -83,6 +84,17 @@ def test_no_dense_momentum_unless_asked(catalogue, tmp_path):
     trainer.fit()
     assert trainer.state.dense_momentum is None
     assert trainer.sparsifier.dense_momentum_beta is None
+    assert "dense_grad" not in trainer.state.passes
+
+
+def test_every_backward_is_counted_as_a_dense_gradient_read(catalogue, tmp_path):
+    # the cost estimate charges SNFS a dense weight gradient per step (sparsefw.cost)
+    raw = merge(RAW, {"logging": {"observers": ["jsonl"]}})
+    trainer = _trainer(catalogue, tmp_path, raw)
+    trainer.fit()
+    assert trainer.state.passes["dense_grad"] == trainer.state.passes["backward"]
+    _, evals = read_metrics(tmp_path)
+    assert [r["passes/dense_grad"] for r in evals] == [r["passes/backward"] for r in evals]
 
 
 def test_reallocate_takes_momentum_weights():

@@ -145,6 +145,24 @@ def test_cost_curve_by_hand():
     assert (curve[1].passes, curve[1].acc) == (18, 0.7)
 
 
+def test_cost_curve_charges_dense_weight_gradients_by_hand():
+    # SNFS reads dense weight gradients at every step: each such backward pays its
+    # weight-gradient half at full density (RigL appendix H: 2·f_S + f_D per backward)
+    flops = {"a.weight": 100, "b.weight": 10}
+    evals = [
+        {"step": 4, "test/acc": 0.5, "passes/forward": 4, "passes/backward": 4,
+         "passes/dense_grad": 4, "density/a.weight": 0.5, "density/b.weight": 1.0},
+        {"step": 8, "test/acc": 0.7, "passes/forward": 8, "passes/backward": 8,
+         "passes/dense_grad": 6, "density/a.weight": 0.25, "density/b.weight": 1.0},
+    ]
+    curve = cost_curve(evals, flops, batch_size=2, steps_per_epoch=4)
+    # interval 1: 24 sample-passes at 60 (sparse) + 4 dense reads · 2 samples · (110 - 60)
+    assert curve[0].flops_sparse == 24 * 60 + 8 * 50
+    # interval 2: 24 at 35 + 2 dense reads · 2 · (110 - 35); the dense estimate is unchanged
+    assert curve[1].flops_sparse == 24 * 60 + 8 * 50 + 24 * 35 + 4 * 75
+    assert curve[1].flops_dense == 48 * 110
+
+
 def test_jsonl_records_training_passes_apart_from_evaluation(make_config, catalogue, tmp_path):
     # TINY: 2 epochs of 4 steps; 32 test samples in one evaluation batch of 64
     cfg, raw = make_config()

@@ -4,7 +4,8 @@ file reads as the uninterrupted run's.
 
 Each evaluation record also carries the run's cost so far (:mod:`sparsefw.cost`): the training
 forward and backward passes (``passes/forward``, ``passes/backward``) and the forward passes
-spent on evaluations (``passes/eval_forward``). The engine's ``state.passes`` counts both kinds;
+spent on evaluations (``passes/eval_forward``), and in runs that read dense weight gradients at
+every step (SNFS) the backward passes that did (``passes/dense_grad``). The engine's ``state.passes`` counts both kinds;
 the passes made between ``epoch_end`` and ``eval_end`` are the evaluation's."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 
 import attrs
 
-from sparsefw.cost import BACKWARD, EVAL_FORWARD, FORWARD
+from sparsefw.cost import BACKWARD, DENSE_GRAD, DENSE_GRAD_PASSES, EVAL_FORWARD, FORWARD
 from sparsefw.engine.checkpoint import atomic_write
 from sparsefw.hookspecs import hookimpl
 from sparsefw.registry import EmptyConfig
@@ -66,6 +67,8 @@ class JsonlObserver:
     def sparsefw_eval_end(self, state, metrics):
         at_end = self._at_epoch_end or dict(state.passes)
         cost = {FORWARD: at_end["forward"] - self._eval_forward, BACKWARD: at_end["backward"]}
+        if DENSE_GRAD_PASSES in at_end:  # backward passes whose weight gradients were read dense
+            cost[DENSE_GRAD] = at_end[DENSE_GRAD_PASSES]
         self._eval_forward += state.passes["forward"] - at_end["forward"]
         self._at_epoch_end = None
         self._write("eval", {**metrics, **cost, EVAL_FORWARD: self._eval_forward})
