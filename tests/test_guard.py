@@ -29,12 +29,24 @@ def test_stop_remembers_the_first_bad_step_and_what_it_was():
     ok = _params([1.0, 2.0], [3.0])
     assert guard.after_backward(0, torch.tensor(0.5), ok) is False
     guard.check()  # nothing seen yet
-    assert guard.after_backward(1, torch.tensor(0.5), _params([1.0], [math.inf])) is False
+    assert guard.after_backward(1, torch.tensor(math.nan), ok) is False
     assert guard.after_backward(2, torch.tensor(math.nan), ok) is False
     guard.poll(3)  # not the end of a logging window: no read
-    with pytest.raises(Diverged, match="non-finite gradient at step 1") as info:
+    with pytest.raises(Diverged, match="non-finite loss at step 1") as info:
         guard.poll(4)
     assert info.value.step == 1
+
+
+def test_stop_reads_gradients_on_the_last_step_of_each_logging_window():
+    # inside a window only the loss is read (a bad gradient shows in the next step's loss:
+    # the update makes the weights non-finite); the window's last step reads the gradients too
+    guard = DivergenceGuard("stop", 0, 4, torch.device("cpu"))
+    bad = _params([1.0], [math.inf])
+    assert guard.after_backward(1, torch.tensor(0.5), bad) is False
+    guard.poll(4)  # step 1's gradients were not read
+    assert guard.after_backward(7, torch.tensor(0.5), bad) is False
+    with pytest.raises(Diverged, match="non-finite gradient at step 7"):
+        guard.poll(8)
 
 
 @pytest.mark.parametrize("loss, grads, what", [
@@ -79,7 +91,7 @@ def test_non_finite_weights_are_never_checkpointed():
 def _poison_at(trainer: Trainer, at: int, grads_only: bool = False) -> None:
     """Make step ``at`` non-finite: a NaN weight before it (loss and all later steps NaN),
     or, with ``grads_only``, NaN gradients in that one step."""
-    original, backward = trainer.step, trainer.forward_backward
+    original, backward = trainer.step, trainer.sparsifier.forward_backward
 
     def step(x, y):
         if trainer.state.step == at and not grads_only:
@@ -87,17 +99,16 @@ def _poison_at(trainer: Trainer, at: int, grads_only: bool = False) -> None:
                 next(trainer.model.parameters()).view(-1)[0] = math.nan
         return original(x, y)
 
-    def forward_backward(x, y):
-        loss = backward(x, y)
+    def forward_backward(x, y, **kwargs):
+        loss = backward(x, y, **kwargs)
         if trainer.state.step == at:
             for p in trainer.model.parameters():
                 p.grad.fill_(math.nan)
         return loss
 
     trainer.step = step
-    if grads_only:
-        trainer.forward_backward = forward_backward
-        trainer.state.forward_backward = forward_backward
+    if grads_only:  # the step's own pass is the lifecycle's
+        trainer.sparsifier.forward_backward = forward_backward
 
 
 def test_nan_mid_run_stops_and_keeps_the_last_good_checkpoint(catalogue, make_config,
@@ -105,7 +116,7 @@ def test_nan_mid_run_stops_and_keeps_the_last_good_checkpoint(catalogue, make_co
     cfg, raw = make_config(train={"epochs": 3, "checkpoint_every": 1, "log_every": 3})
     trainer = Trainer(cfg, catalogue, run_dir=tmp_path, raw_config=raw)
     _poison_at(trainer, 6)
-    with pytest.raises(Diverged, match="non-finite loss and gradient at step 6") as info:
+    with pytest.raises(Diverged, match="non-finite loss at step 6") as info:
         trainer.fit()
     assert info.value.step == 6
     good = checkpoint.load(tmp_path / checkpoint.CHECKPOINT)
