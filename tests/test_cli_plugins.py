@@ -5,6 +5,7 @@ hook argument reported by ``train`` as a config error, a plugin check stopping `
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -87,7 +88,8 @@ def test_a_wrong_hook_argument_is_reported_by_plugins_and_train(authordist, caps
     assert main(["plugins", "momentum_growth"]) == 1
     assert "'train_state'" in capsys.readouterr().err
     cfg = tmp_path / "mine.toml"
-    cfg.write_text(f'extends = "{ROOT / "configs" / "quickstart.toml"}"\n'
+    base = os.path.relpath(ROOT / "configs" / "quickstart.toml", tmp_path)  # relative only
+    cfg.write_text(f'extends = "{base}"\n'
                    '[topology_update]\nname = "momentum_growth"\n')
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err
@@ -96,7 +98,8 @@ def test_a_wrong_hook_argument_is_reported_by_plugins_and_train(authordist, caps
 
 def test_a_plugin_check_stops_train_with_the_contract_message(authordist, capsys, tmp_path):
     cfg = tmp_path / "nudge.toml"
-    cfg.write_text(f'extends = "{ROOT / "configs" / "quickstart.toml"}"\n'
+    base = os.path.relpath(ROOT / "configs" / "quickstart.toml", tmp_path)  # relative only
+    cfg.write_text(f'extends = "{base}"\n'
                    '[train]\nepochs = 1\nmax_steps = 3\nout_dir = "' + str(tmp_path) + '"\n'
                    '[logging]\nobservers = ["jsonl"]\n'
                    '[debug]\ncheck_plugins = true\n[[perturb]]\nname = "nudge"\n')
