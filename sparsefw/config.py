@@ -139,11 +139,12 @@ def plain_path(_inst, attribute, value):
 
 def device_name(_inst, attribute, value):
     """attrs validator: ``"auto"`` or a device torch understands (``cpu``, ``cuda``,
-    ``cuda:1``, …)."""
-    import torch
-
+    ``cuda:1``, …). torch is imported only for a value other than ``"auto"`` (reading the
+    defaults, as ``sparsefw --help`` does, must not pay torch's import)."""
     if value == "auto":
         return
+    import torch
+
     try:
         torch.device(value)
     except (RuntimeError, ValueError, TypeError):

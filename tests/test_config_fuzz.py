@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from sparsefw import cli, config
+from sparsefw import plugins as plugins_mod
 from sparsefw.config import ConfigError
 from sparsefw.plugins import load_catalogue
 
@@ -190,7 +191,8 @@ def fast_catalogue():
     """``describe`` builds its catalogue per call; the fuzz test reuses one (no entry
     points)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli, "load_catalogue", lambda: CATALOGUE)
+        # the CLI imports it from sparsefw.plugins when a command runs
+        mp.setattr(plugins_mod, "load_catalogue", lambda: CATALOGUE)
         yield
     out = os.environ.get("SPARSEFW_FUZZ_KINDS")
     if out:

@@ -45,7 +45,7 @@ class JsonlObserver:
                 step = record.get("step", 0) if isinstance(record, dict) else 0
                 if not isinstance(step, (int, float)) or step <= state.step:  # foreign: kept
                     kept.append(line)
-                    if record.get("kind") == "eval":
+                    if isinstance(record, dict) and record.get("kind") == "eval":
                         self._eval_forward = int(record.get(EVAL_FORWARD, 0))
             text = "".join(f"{line}\n" for line in kept).encode()
             atomic_write(path, lambda f: f.write(text))
