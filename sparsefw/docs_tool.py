@@ -234,6 +234,9 @@ def _core_notes() -> dict[tuple[type, str], str]:
             "momentum": "SGD momentum", "nesterov": "SGD Nesterov momentum",
             "weight_decay": "L2 / decoupled weight decay", "betas": "AdamW betas",
             "eps": "AdamW epsilon",
+            "implementation": "torch's update kernels: `auto` = `fused` where torch has them "
+                              "for the device (CPU, CUDA), else `foreach`; fused SGD's update "
+                              "is ~2.5x faster on CPU (benchmarks/RESULTS.md)",
         },
         c.LRScheduleConfig: {
             "name": "shape of the learning-rate multiplier",

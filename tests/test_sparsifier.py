@@ -15,6 +15,7 @@ from sparsefw import Sparsifier, SparsifierError
 from sparsefw import config as config_mod
 from sparsefw.config import ConfigError
 from sparsefw.engine import Trainer
+from sparsefw.engine.optim import kernel_options
 from sparsefw.hookspecs import hookimpl
 from sparsefw.sparsifier import METHOD_SECTIONS
 
@@ -70,7 +71,7 @@ class Loop:
         opt = raw["optimizer"]
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=opt["lr"],
                                          momentum=opt["momentum"], weight_decay=5e-4,
-                                         foreach=True)
+                                         **kernel_options("auto", torch.device("cpu")))
         self.source = ref.train_source
         self.epochs = raw["train"]["epochs"]
         self.epoch = 0
