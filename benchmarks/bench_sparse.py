@@ -20,7 +20,8 @@ defaults) at each density. For every model, density and batch size:
   (:func:`sparsefw.timing.median_times`: median of ``--repeats``), reported as dense time over
   runtime time, with the per-layer choices;
 * **training** (not for the conv nets): one ``Sparsifier.step(closure)`` with SGD (momentum 0.9,
-  weight decay 5e-4), ``compute = "dense"`` against ``compute = "auto"`` (auto's per-layer
+  weight decay 5e-4; torch's fused kernels, the engine's default and the fastest plain loop),
+  ``compute = "dense"`` against ``compute = "auto"`` (auto's per-layer
   measurement and its whole-step check happen in warm-up steps, outside the timing).
 
 Every figure is measured with one thread and with torch's default thread count. Usage::
@@ -46,6 +47,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sparsefw import Sparsifier, runtime, sparse_compute, timing  # noqa: E402
+from sparsefw.engine.optim import kernel_options  # noqa: E402
 from sparsefw.models import MLP  # noqa: E402
 from sparsefw.models.vit import Block  # noqa: E402
 from sparsefw.runtime_export import format_choices  # noqa: E402
@@ -87,7 +89,8 @@ def sparse_model(name: str, density: float, compute: str = "dense", seed: int = 
     """The model with masks at ``density``, its SGD optimizer and Sparsifier."""
     torch.manual_seed(seed)
     model, shape, loss = build(name)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4,
+                          **kernel_options("auto", torch.device("cpu")))
     sp = Sparsifier(model, opt, density=density, compute=compute, total_steps=10**6)
     return model, opt, sp, shape, loss
 
