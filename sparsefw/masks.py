@@ -259,8 +259,9 @@ class MaskSet:
         if not self.masks:
             return torch.zeros(0, dtype=torch.long)
         counts = torch.stack([m.sum() for m in self.masks.values()])
-        if self.sharded:
-            torch.distributed.all_reduce(counts)
+        if self.sharded:  # over the ranks of the parameters' mesh
+            mesh = next(p for p in self.params.values() if sharding.is_sharded(p)).device_mesh
+            torch.distributed.all_reduce(counts, group=mesh.get_group())
         return counts
 
     def numels(self) -> list[int]:
