@@ -62,6 +62,7 @@ def apply(masks: MaskSet, init: str) -> None:
         raise ValueError(f"unknown init {init!r}; choices: {', '.join(INITS)}")
     if init == "dense":
         return
-    for name, p in masks.params.items():
+    for name in masks.params:  # a row-sharded (FSDP2 Shard(0)) layer: its rows' fan-in
+        p = masks.local_param(name)
         scale = fan_in_scales(masks.masks[name])
         p.mul_(scale.to(p.dtype).view(-1, *([1] * (p.dim() - 1))))

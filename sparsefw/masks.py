@@ -12,6 +12,10 @@ Two kinds of masking:
 
 All per-step arithmetic is done with ``torch._foreach_*`` kernels over every masked parameter at
 once; nothing here reads a tensor back to the host except :meth:`MaskSet.summary`.
+
+Parameters sharded by FSDP2 (``DTensor`` parameters) get the mask of this rank's shard only; the
+arithmetic runs on the local shards (:mod:`sparsefw.sharding`), and :meth:`MaskSet.update`
+takes the whole layer's mask and keeps this rank's part.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from sparsefw import sharding
 from sparsefw.config import MASK_KINDS
 
 _SPARSIFIABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -96,8 +101,9 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 class MaskSet:
     """Masks keyed by parameter name, with the per-layer targets and the masking kind.
 
-    ``masks[name]`` is a bool tensor of the parameter's shape; ``targets[name]`` the number of
-    active entries the density allocation gave that layer.
+    ``masks[name]`` is a bool tensor of the parameter's shape (of this rank's shard, for a
+    parameter sharded by FSDP2); ``targets[name]`` the number of active entries the density
+    allocation gave that layer (of the whole layer).
     """
 
     def __init__(self, params: Mapping[str, nn.Parameter], kind: str = "hard"):
@@ -106,8 +112,11 @@ class MaskSet:
         self.kind = kind
         self.params: dict[str, nn.Parameter] = dict(params)
         self.masks: dict[str, torch.Tensor] = {
-            n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()
+            n: torch.ones_like(sharding.local(p), dtype=torch.bool)
+            for n, p in self.params.items()
         }
+        #: whether any parameter is sharded (FSDP2): counts are then all-reduced
+        self.sharded = any(sharding.is_sharded(p) for p in self.params.values())
         self.targets: dict[str, int] = {n: p.numel() for n, p in self.params.items()}
         #: β of forward masking: weight of pruned entries in the forward pass
         self.decay: float = 0.0
@@ -155,15 +164,30 @@ class MaskSet:
         """The mask of ``name`` as 0/1 in the parameter's dtype (cached; do not modify)."""
         return self._float[name]
 
+    def local_param(self, name: str) -> torch.Tensor:
+        """The parameter of ``name`` as this rank holds it (its shard under FSDP2; a view:
+        in-place edits under ``no_grad`` edit the parameter)."""
+        return sharding.local(self.params[name])
+
     def update(self, name: str, mask: torch.Tensor) -> None:
-        """Replace one mask (bool, same shape and device as the parameter)."""
+        """Replace one mask (bool, the parameter's whole shape, on its device); for a sharded
+        parameter this rank keeps its shard of it."""
         p = self.params[name]
         if mask.shape != p.shape or mask.dtype != torch.bool:
             raise ValueError(
                 f"mask for {name} must be bool of shape {tuple(p.shape)}, "
                 f"got {mask.dtype} {tuple(mask.shape)}"
             )
-        self.masks[name] = mask.to(p.device)
+        self.masks[name] = sharding.shard_of(mask.to(p.device), p)
+        self._refresh(name)
+
+    def update_local(self, name: str, shard: torch.Tensor) -> None:
+        """Replace the mask of this rank's shard of ``name`` (bool, the local shape)."""
+        expected = self.masks[name].shape
+        if shard.shape != expected or shard.dtype != torch.bool:
+            raise ValueError(f"local mask for {name} must be bool of shape {tuple(expected)}, "
+                             f"got {shard.dtype} {tuple(shard.shape)}")
+        self.masks[name] = shard.to(self.masks[name].device)
         self._refresh(name)
 
     # ------------------------------------------------------------------ arithmetic
@@ -171,7 +195,8 @@ class MaskSet:
         """Parameters and float masks of the possibly sparse layers (cached between updates)."""
         if self._lists_cache is None:
             names = [n for n in self.params if n in self._sparse]
-            self._lists_cache = ([self.params[n] for n in names], [self._float[n] for n in names])
+            self._lists_cache = ([self.local_param(n) for n in names],
+                                 [self._float[n] for n in names])
         return self._lists_cache
 
     @torch.no_grad()
@@ -188,8 +213,9 @@ class MaskSet:
         """Zero the gradients of pruned entries (hard masking only)."""
         if self.kind != "hard":
             return
-        params, masks = self._lists()
-        pairs = [(p.grad, m) for p, m in zip(params, masks, strict=True) if p.grad is not None]
+        names = [n for n in self.params if n in self._sparse]
+        pairs = [(sharding.local(self.params[n].grad), self._float[n]) for n in names
+                 if self.params[n].grad is not None]
         if pairs:
             grads, fmasks = zip(*pairs, strict=True)
             torch._foreach_mul_(list(grads), list(fmasks))
@@ -202,14 +228,15 @@ class MaskSet:
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         """Set the weight and every same-shaped optimizer state tensor of ``name`` to zero at
-        ``where`` (bool). Used for grown connections, which start at zero with fresh state."""
+        ``where`` (bool, the mask's shape: this rank's shard under FSDP2). Used for grown
+        connections, which start at zero with fresh state."""
         p = self.params[name]
         keep = (~where).to(p.dtype)
-        p.mul_(keep)
+        sharding.local(p).mul_(keep)
         if optimizer is not None:
             for value in optimizer.state.get(p, {}).values():
                 if torch.is_tensor(value) and value.shape == p.shape:
-                    value.mul_(keep.to(value.dtype))
+                    sharding.local(value).mul_(keep.to(value.dtype))
 
     def effective(self) -> dict[str, torch.Tensor]:
         """Forward masking: the weights the forward pass uses, ``w ⊙ m_eff`` with a
@@ -227,10 +254,15 @@ class MaskSet:
 
     # ------------------------------------------------------------------ accounting
     def active_counts(self) -> torch.Tensor:
-        """Active entries per layer as one device tensor (model order)."""
+        """Active entries per layer as one device tensor (model order). Sharded: summed over
+        the ranks (one all-reduce, which every rank must reach)."""
         if not self.masks:
             return torch.zeros(0, dtype=torch.long)
-        return torch.stack([m.sum() for m in self.masks.values()])
+        counts = torch.stack([m.sum() for m in self.masks.values()])
+        if self.sharded:  # over the ranks of the parameters' mesh
+            mesh = next(p for p in self.params.values() if sharding.is_sharded(p)).device_mesh
+            torch.distributed.all_reduce(counts, group=mesh.get_group())
+        return counts
 
     def numels(self) -> list[int]:
         """Entries per layer (model order)."""
@@ -251,11 +283,17 @@ class MaskSet:
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
+        """Kind, β, targets and masks; a sharded parameter's mask is a ``DTensor`` placed like
+        the parameter (what ``torch.distributed.checkpoint`` saves and reshards)."""
+        masks = {}
+        for n, m in self.masks.items():
+            p = self.params[n]
+            masks[n] = sharding.to_dtensor(m.clone(), p) if sharding.is_sharded(p) else m.clone()
         return {
             "kind": self.kind,
             "decay": self.decay,
             "targets": dict(self.targets),
-            "masks": {n: m.clone() for n, m in self.masks.items()},
+            "masks": masks,
         }
 
     def load_state_dict(self, sd: Mapping) -> None:
@@ -267,4 +305,11 @@ class MaskSet:
         self.decay = sd["decay"]
         self.targets = dict(sd["targets"])
         for n, m in sd["masks"].items():
+            p = self.params[n]
+            if sharding.is_sharded(m):
+                if sharding.is_sharded(p) and tuple(m.placements) == tuple(p.placements) \
+                        and m.device_mesh == p.device_mesh:
+                    self.update_local(n, m.to_local())
+                    continue
+                m = m.full_tensor()
             self.update(n, m)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from sparsefw import distributions, initialisation
+from sparsefw import distributions, initialisation, sharding
 from sparsefw.config import ConfigError, RunConfig, apply_overrides, read_toml, structure
 from sparsefw.cost import DENSE_GRAD_PASSES
 from sparsefw.engine import distributed
@@ -259,7 +259,11 @@ class Sparsifier:
         params = {n: p for n, p in candidates.items()
                   if p.requires_grad and id(p) in in_optimizer}
         self.masks = MaskSet(params, kind=sp.kind)
-        shapes = {n: tuple(p.shape) for n, p in params.items()}
+        #: FSDP2: the masked parameters are sharded DTensors (see :mod:`sparsefw.sharding`)
+        self.sharded = self.masks.sharded
+        if self.sharded:
+            sharding.check_supported(self.masks, cfg)
+        shapes = {n: tuple(p.shape) for n, p in params.items()}  # global shapes under FSDP
         if shapes:
             self.masks.targets = distributions.active_counts(
                 shapes, sp.density, sp.distribution, kernel=sp.er_kernel)
@@ -448,16 +452,39 @@ class Sparsifier:
         constructor, cycling)."""
         if batches is None:
             batches = self._cycling_batches
-        answer = self.plugins.hook.sparsefw_mask_init(state=self.state, batches=batches)
-        self.model.zero_grad(set_to_none=True)
-        for name in self.masks.names:
-            if answer is None or name not in answer:
-                raise RuntimeError(f"mask_init answer lacks a mask for {name}")
-            self.masks.update(name, answer[name])
+        with self._whole_layers() as masks:
+            answer = self.plugins.hook.sparsefw_mask_init(state=self.state, batches=batches)
+            self.model.zero_grad(set_to_none=True)
+            for name in self.masks.names:
+                if answer is None or name not in answer:
+                    raise RuntimeError(f"mask_init answer lacks a mask for {name}")
+                masks.update(name, answer[name])
+            distributed.check_in_sync(masks.masks, self.dist, "the initial mask")
+        self._take_whole_masks(masks)
         self.masks.apply_()
         initialisation.apply(self.masks, self.cfg.sparsity.init)
         self.masks.refresh_sparse_layers()
-        distributed.check_in_sync(self.masks.masks, self.dist, "the initial mask")
+
+    @contextlib.contextmanager
+    def _whole_layers(self):
+        """The masks components see during a whole-layer decision: the run's own MaskSet, or
+        under FSDP a gathered view of whole layers (:func:`sparsefw.sharding.gathered_view`)
+        put in ``state.masks`` for the duration of the block."""
+        if not self.sharded:
+            yield self.masks
+            return
+        view = sharding.gathered_view(self.masks)
+        self.state.masks = view
+        try:
+            yield view
+        finally:
+            self.state.masks = self.masks
+
+    def _take_whole_masks(self, masks: MaskSet) -> None:
+        """After a whole-layer decision on a gathered view: keep this rank's shard of it."""
+        if masks is not self.masks:
+            for name in self.masks.names:
+                self.masks.update(name, masks.masks[name])
 
     def _cycling_batches(self, n: int) -> list:
         if self._batches is None:
@@ -491,8 +518,11 @@ class Sparsifier:
         st = self.state
         hard = self.masks.kind == "hard"
         before = {n: m.clone() for n, m in self.masks.masks.items()} if hard else {}
-        change = (self.checker.topology_update() if self.checker is not None
-                  else self.plugins.hook.sparsefw_topology_update(state=st))
+        with self._whole_layers() as masks:
+            change = (self.checker.topology_update() if self.checker is not None
+                      else self.plugins.hook.sparsefw_topology_update(state=st))
+            distributed.check_in_sync(masks.masks, self.dist, "the mask")
+        self._take_whole_masks(masks)
         # hard masks: dropped and grown entries restart at zero with zero optimizer state;
         # forward masks keep the dense weights as they are
         for n, old in before.items():
@@ -500,7 +530,6 @@ class Sparsifier:
         self.masks.apply_()
         if self.compute is not None:
             self.compute.repack()
-        distributed.check_in_sync(self.masks.masks, self.dist, "the mask")
         if change is None:
             return False
         for key, counts in (("topology/dropped", change.dropped), ("topology/grown", change.grown)):

@@ -1,0 +1,228 @@
+"""Masks of parameters sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+Under FSDP2 every parameter is an ``nn.Parameter`` holding a ``DTensor`` (PyTorch docs,
+*torch.distributed.fsdp.fully_shard* and *torch.distributed.tensor*; Zhao et al., PyTorch FSDP,
+arXiv 2304.11277): each rank keeps one shard of the dimension-0 chunks (``torch.chunk``
+boundaries, the last ranks' chunks possibly smaller or empty), and its gradient and optimizer
+state are ``DTensor`` objects with the same placement. :class:`~sparsefw.masks.MaskSet` keeps, for
+such a parameter, the mask of **this rank's shard only** (a plain tensor of the local shape; the
+parameter records the mesh and placement), so the per-step mask arithmetic (weights, gradients,
+optimizer state) runs on local tensors with no collective and no host sync.
+
+Decisions that need the whole layer (mask initialisation, topology updates) run on a *gathered
+view* (:func:`gathered_view`): every rank all-gathers the layer's weights, gradient and mask,
+takes the decision the unsharded run would take on identical inputs, and keeps its own slice
+(:func:`local_slice`). Updates are rare, so the all-gathers cost little; the decision then
+equals the single-process one exactly, ties and random draws included.
+
+What is supported so far is checked up front (:func:`check_supported`): a 1-D mesh with
+``Shard`` placements, hard masks, and the components listed in :data:`SUPPORTED`; anything
+else fails with ``not supported under FSDP yet: ...`` instead of silently doing the wrong thing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+__all__ = [
+    "SUPPORTED",
+    "NotSupportedUnderFSDP",
+    "check_nm_groups",
+    "check_supported",
+    "gather",
+    "gathered_view",
+    "is_sharded",
+    "local",
+    "local_slice",
+    "memory_per_rank",
+    "shard_bounds",
+    "to_dtensor",
+]
+
+#: the components verified under FSDP (tests/test_fsdp.py); others are refused
+SUPPORTED = {
+    "mask_init": ("random", "dense"),
+    "topology_update": ("rigl", "set", "static"),
+    "gradient_correct": (),
+    "perturb": (),
+}
+
+
+class NotSupportedUnderFSDP(ValueError):
+    """A configuration or placement that sparse training under FSDP cannot (yet) run exactly."""
+
+
+def _dtensor_cls():
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_sharded(t) -> bool:
+    """Whether ``t`` (a tensor or parameter) is a ``DTensor``."""
+    return torch.distributed.is_available() and isinstance(t, _dtensor_cls())
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of ``t`` (a view of its storage: in-place edits under ``no_grad``
+    edit the parameter), or ``t`` itself when it is a plain tensor."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def gather(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank (one all-gather for a ``DTensor``)."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def local_slice(p: torch.Tensor) -> tuple[slice, ...]:
+    """Index of this rank's shard of ``p`` (a ``DTensor``) within the global tensor."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return tuple(slice(o, o + s) for s, o in zip(shape, offset, strict=True))
+
+
+def shard_of(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of ``full`` (a tensor of ``p``'s global shape), placed like ``p``."""
+    if not is_sharded(p):
+        return full
+    return full[local_slice(p)].contiguous()
+
+
+def to_dtensor(shard: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``shard`` (this rank's part) as a ``DTensor`` with ``like``'s mesh, placement and global
+    shape: what ``torch.distributed.checkpoint`` saves and reshards."""
+    return _dtensor_cls().from_local(shard, like.device_mesh, like.placements,
+                                     shape=like.shape, stride=like.stride())
+
+
+def shard_bounds(size: int, world: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each rank's chunk of a dimension of ``size`` split ``torch.chunk``
+    style over ``world`` ranks (what ``Shard(d)`` does; trailing chunks may be empty)."""
+    step = max(math.ceil(size / world), 1)
+    return [(min(r * step, size), min((r + 1) * step, size)) for r in range(world)]
+
+
+def check_placement(name: str, p: torch.Tensor) -> None:
+    """Refuse placements the masks cannot follow yet: meshes of more than one dimension and
+    anything but ``Shard``."""
+    from torch.distributed.tensor import Shard
+
+    if p.device_mesh.ndim != 1 or not all(isinstance(pl, Shard) for pl in p.placements):
+        raise NotSupportedUnderFSDP(
+            f"not supported under FSDP yet: parameter {name!r} placed as {tuple(p.placements)} "
+            f"on a {p.device_mesh.ndim}-D mesh; masks follow Shard placements on a 1-D mesh "
+            "(plain fully_shard, no HSDP)")
+
+
+def check_nm_groups(params: Mapping[str, torch.Tensor], m: int, mode: str = "row") -> None:
+    """Refuse a placement that splits an N:M group (``m`` consecutive entries along the
+    grouped dimension, :func:`sparsefw.nm.group_dim`) across ranks, naming the layer, its
+    placement and the fix; every rank reaches the same verdict from global shapes."""
+    from sparsefw.nm import group_dim
+
+    for name, p in params.items():
+        if not is_sharded(p):
+            continue
+        d = group_dim(p.shape, mode)
+        world = p.device_mesh.size()
+        for pl in p.placements:
+            if getattr(pl, "dim", None) != d:
+                continue
+            bounds = [(a, b) for a, b in shard_bounds(p.shape[d], world) if b > a]
+            split = [(a, b) for a, b in bounds if a % m or (b % m and b != p.shape[d])]
+            if split:
+                a, b = split[0]
+                raise NotSupportedUnderFSDP(
+                    f"{name}: the placement {pl} splits N:M groups of {m} along dim {d} "
+                    f"({'input' if mode == 'row' else 'output'} dimension, size {p.shape[d]}): "
+                    f"a rank holds entries [{a}, {b}) of {world} chunks, not a multiple of {m}. "
+                    f"Shard another dimension (groups run along dim {d}; fully_shard's "
+                    f"shard_placement_fn), pick a size whose per-rank chunk is a multiple of "
+                    f"{m}, or keep the layer dense ([sparsity] dense_layers)")
+
+
+def check_supported(masks, cfg) -> None:
+    """Raise :class:`NotSupportedUnderFSDP` unless every masked parameter's placement and every
+    selected component is one sparse training under FSDP runs exactly (see :data:`SUPPORTED`)."""
+    for name, p in masks.params.items():
+        if is_sharded(p):
+            check_placement(name, p)
+    topo = cfg.topology_update
+    m = getattr(getattr(topo, "options", None), "m", None) if topo is not None else None
+    if isinstance(m, int):  # the N:M placement error comes first: it names the real problem
+        check_nm_groups(masks.params, m, getattr(topo.options, "mode", "row"))
+    if cfg.sparsity.init != "dense" and any(
+            getattr(pl, "dim", 0) != 0 for p in masks.params.values() if is_sharded(p)
+            for pl in p.placements):
+        raise NotSupportedUnderFSDP(
+            f"not supported under FSDP yet: [sparsity] init = {cfg.sparsity.init!r} with a "
+            "placement other than Shard(0) (the fan-in of a row needs the whole row)")
+    if masks.kind != "hard":
+        raise NotSupportedUnderFSDP(
+            f"not supported under FSDP yet: [sparsity] kind = {masks.kind!r} (forward masks: "
+            "FSDP all-gathers the weights before the forward, where the masks are not "
+            "applied yet); use hard masks")
+    if cfg.sparsity.compute != "dense":
+        raise NotSupportedUnderFSDP("not supported under FSDP yet: [sparsity] compute = "
+                                    f"{cfg.sparsity.compute!r}; use \"dense\"")
+    selected = [("mask_init", cfg.mask_init), ("topology_update", topo)]
+    selected += [("gradient_correct", c) for c in cfg.gradient_correct]
+    selected += [("perturb", c) for c in cfg.perturb]
+    for section, sel in selected:
+        if sel is not None and sel.name not in SUPPORTED[section]:
+            ok = ", ".join(SUPPORTED[section]) or "none yet"
+            raise NotSupportedUnderFSDP(
+                f"not supported under FSDP yet: [{section}] {sel.name!r} (verified under "
+                f"FSDP: {ok})")
+
+
+def gathered_view(masks):
+    """A :class:`~sparsefw.masks.MaskSet` over whole (all-gathered) copies of the sharded
+    parameters, with their whole gradients and masks: what a component sees during mask
+    initialisation and topology updates under FSDP. Three all-gathers per sharded layer."""
+    from sparsefw.masks import MaskSet
+
+    params: dict[str, nn.Parameter] = {}
+    for n, p in masks.params.items():
+        if not is_sharded(p):
+            params[n] = p
+            continue
+        full = nn.Parameter(gather(p.detach()), requires_grad=p.requires_grad)
+        if p.grad is not None:
+            full.grad = gather(p.grad)
+        params[n] = full
+    view = MaskSet(params, kind=masks.kind)
+    view.targets = dict(masks.targets)
+    view.decay = masks.decay
+    for n, p in masks.params.items():
+        if is_sharded(p):  # gloo cannot all-gather bool: as uint8
+            whole = gather(to_dtensor(masks.masks[n].to(torch.uint8), p)).bool()
+            view.update(n, whole)
+        else:
+            view.update(n, masks.masks[n])
+    return view
+
+
+def memory_per_rank(model: nn.Module, masks, optimizer: torch.optim.Optimizer | None = None
+                    ) -> dict[str, int]:
+    """Bytes this rank holds for the parameters, the masks (bool masks and their cached float
+    copies) and the optimizer state: local shards under FSDP, whole tensors otherwise (what
+    each DDP rank holds). Gradients and activations are not counted."""
+    def nbytes(t: torch.Tensor) -> int:
+        t = local(t)
+        return t.numel() * t.element_size()
+
+    out = {"params": sum(nbytes(p) for p in model.parameters()),
+           "masks": sum(nbytes(m) for m in masks.masks.values())
+           + sum(nbytes(m) for m in masks._float.values()),
+           "optimizer": 0}
+    if optimizer is not None:
+        out["optimizer"] = sum(nbytes(v) for s in optimizer.state.values() for v in s.values()
+                               if torch.is_tensor(v) and v.dim() > 0)
+    out["total"] = out["params"] + out["masks"] + out["optimizer"]
+    return out
