@@ -213,9 +213,14 @@ class MaskSet:
         """Zero the gradients of pruned entries (hard masking only)."""
         if self.kind != "hard":
             return
-        names = [n for n in self.params if n in self._sparse]
-        pairs = [(sharding.local(self.params[n].grad), self._float[n]) for n in names
-                 if self.params[n].grad is not None]
+        params, masks = self._lists()
+        if self.sharded:  # the cached list holds the local shards; their .grad is not set
+            names = [n for n in self.params if n in self._sparse]
+            pairs = [(sharding.local(self.params[n].grad), self._float[n]) for n in names
+                     if self.params[n].grad is not None]
+        else:
+            pairs = [(p.grad, m) for p, m in zip(params, masks, strict=True)
+                     if p.grad is not None]
         if pairs:
             grads, fmasks = zip(*pairs, strict=True)
             torch._foreach_mul_(list(grads), list(fmasks))
