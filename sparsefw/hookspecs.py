@@ -91,9 +91,11 @@ def sparsefw_perturb(state):
 
     Called after the schedule, before the forward/backward pass, in config order. A
     perturbation carries parameter offsets (``params``: name -> delta tensor) and/or replacement
-    inputs (``inputs``). The engine adds the offsets, runs forward/backward on the perturbed
-    point, then **restores the weights bit-exactly** by copying back the saved originals;
-    implementations never restore anything themselves. A plugin may call
+    inputs (``inputs``), optionally with a ``scale`` (a 0-dim tensor: the offsets are
+    ``scale · params[name]``, so a direction need not be scaled into a new tensor). The engine
+    writes ``w + offsets`` into a second buffer, runs forward/backward with the parameters'
+    storage swapped to it, then **restores the weights bit-exactly** by swapping the untouched
+    originals back; implementations never restore anything themselves. A plugin may call
     ``state.closure(sync=False)`` to obtain an extra gradient first (SAM's ascent step: the
     step's loss re-evaluated at the current weights, on this rank alone under DDP) and must
     then declare ``needs = ("closure",)``; ``state.batch`` is the step's batch when the front

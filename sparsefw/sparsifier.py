@@ -7,9 +7,10 @@ the order of the hooks, and wraps the user's optimizer the way ``torch.optim.LBF
 does: ``sparsifier.step(closure)`` runs one whole sparse step around ``optimizer.step()``::
 
     pre_forward()      schedule hooks (merged into state.values); before-forward topology (N:M)
-    perturb            perturb hooks (config order); offsets added to the weights
+    perturb            perturb hooks (config order); w + offsets written into second buffers,
+                       the parameters' storage swapped to them
     closure()          zeroed gradients, then the user's forward + backward (all micro-batches)
-    restore            the weights copied back bit-exactly
+    restore            the untouched original storage swapped back (bit-exact)
     post_backward()    unscale (GradScaler); after-backward topology (dense .grad: RigL);
                        gradient_correct hooks (config order); hard masks zero pruned gradients
     optimizer.step()   (through the GradScaler when one is given)
@@ -41,7 +42,7 @@ from sparsefw.cost import DENSE_GRAD_PASSES
 from sparsefw.engine import distributed
 from sparsefw.masks import MaskSet, sparsifiable_params
 from sparsefw.plugins import Catalogue, RunPlugins, build_run, load_catalogue
-from sparsefw.state import Perturbation, TrainState
+from sparsefw.state import Perturbation, TrainState, offset_into
 
 __all__ = ["METHOD_SECTIONS", "Sparsifier", "SparsifierError", "method_config"]
 
@@ -61,6 +62,16 @@ NEEDS = {
     "dense_momentum": "the dense gradient momentum (kept by the lifecycle for it)",
 }
 _AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@attrs.define(eq=False)
+class _Applied:
+    """A perturbation in place: each parameter's storage holds ``w + e``; ``originals`` are
+    the untouched storages of ``w``."""
+
+    names: list[str]
+    params: list[torch.Tensor]
+    originals: list[torch.Tensor]
 
 
 class SparsifierError(RuntimeError):
@@ -305,12 +316,13 @@ class Sparsifier:
         self._manage_epochs = front_door != "trainer"
         self._epoch_started = False
         self._prepared_step: int | None = None
-        self._pending: tuple[list, list] | None = None  # perturbation applied before a forward
+        self._pending: _Applied | None = None  # perturbation applied before a forward
         self._in_step = False
         self._own_pass = 0
         self._skip_optimizer = False
         self._schedule_owner: dict[str, str] = {}
-        self._saved: dict[str, torch.Tensor] = {}
+        #: per perturbed parameter, the storage its perturbed weights were written into last
+        self._spare: dict[str, torch.Tensor] = {}
         self._reapply_masks = not isinstance(self.optimizer, _MASK_SAFE_OPTIMIZERS)
         self.counts_closure_passes = front_door != "trainer"
         self.last_output: torch.Tensor | None = None
@@ -556,33 +568,61 @@ class Sparsifier:
         return values
 
     @torch.no_grad()
-    def _apply_perturbations(self, perts: list[Perturbation]):
-        offsets: dict[str, torch.Tensor] = {}
-        for p in perts:
-            for name, delta in p.params.items():
-                offsets[name] = offsets[name] + delta if name in offsets else delta
-        if not offsets:
+    def _apply_perturbations(self, perts: list[Perturbation]) -> _Applied | None:
+        """Put the perturbed weights in place for the forward/backward: ``w + Σ offsets`` is
+        written into a second buffer per parameter (kept across steps; one pass, the scale
+        folded in), and the parameter's storage is swapped to it. The original storage is
+        left untouched, so :meth:`_put_back` restores the weights bit-exactly by swapping
+        back — no copy of the weights and no copy back (``w + e − e`` is not always ``w`` in
+        floating point, so subtracting would not do). Identity, ``.grad`` and optimizer state
+        of the parameters are unchanged; only what ``param.data`` points at."""
+        names = list(dict.fromkeys(n for p in perts for n in p.params))
+        if not names:
             return None
         named = self.state.named_params
-        params = [named[n] for n in offsets]
-        saved = [self._saved_buffer(n, named[n]) for n in offsets]
-        torch._foreach_copy_(saved, params)
-        torch._foreach_add_(params, list(offsets.values()))
-        return params, saved
+        params = [named[n] for n in names]
+        bufs = [self._spare_buffer(n, named[n]) for n in names]
+        if sum(len(p.params) for p in perts) == len(names):  # each name in one perturbation
+            at = {n: i for i, n in enumerate(names)}
+            for p in perts:
+                if p.params:
+                    ix = [at[n] for n in p.params]
+                    offset_into([bufs[i] for i in ix], [params[i] for i in ix],
+                                list(p.params.values()), p.scale)
+        else:
+            offsets: dict[str, torch.Tensor] = {}
+            for p in perts:
+                for name, delta in p.params.items():
+                    if p.scale is not None:
+                        delta = delta * p.scale
+                    offsets[name] = offsets[name] + delta if name in offsets else delta
+            offset_into(bufs, params, [offsets[n] for n in names])
+        originals = [p.data for p in params]
+        for p, b in zip(params, bufs, strict=True):
+            p.data = b
+        return _Applied(names, params, originals)
 
-    def _saved_buffer(self, name: str, param: torch.Tensor) -> torch.Tensor:
-        """A buffer kept across steps to save ``param`` in before a perturbation."""
-        buf = self._saved.get(name)
-        if buf is None or buf.shape != param.shape or buf.dtype != param.dtype:
-            buf = self._saved[name] = torch.empty_like(param)
+    def _spare_buffer(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        """A buffer like ``param`` (the perturbed storage of earlier steps, reused)."""
+        buf = self._spare.pop(name, None)
+        if (buf is None or buf.shape != param.shape or buf.dtype != param.dtype
+                or buf.device != param.device or buf.stride() != param.stride()):
+            buf = torch.empty_like(param)
         return buf
 
-    @torch.no_grad()
+    def _put_back(self, applied: _Applied | None) -> None:
+        """The original weights back in place (bit-exact: their storage was never written)."""
+        if applied is None:
+            return
+        with torch.no_grad():
+            for name, p, o in zip(applied.names, applied.params, applied.originals,
+                                  strict=True):
+                self._spare[name] = p.data
+                p.data = o
+
     def _restore(self) -> None:
-        if self._pending is not None:
-            params, saved = self._pending
-            torch._foreach_copy_(params, saved)
-            self._pending = None
+        pending, self._pending = self._pending, None
+        self._put_back(pending)
 
     @contextlib.contextmanager
     def unperturbed(self):
@@ -592,15 +632,16 @@ class Sparsifier:
         if pending is None:
             yield
             return
-        params, saved = pending
         with torch.no_grad():
-            current = [p.detach().clone() for p in params]
-            torch._foreach_copy_(params, saved)
+            perturbed = [p.data for p in pending.params]
+            for p, o in zip(pending.params, pending.originals, strict=True):
+                p.data = o
         try:
             yield
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(params, current)
+                for p, q in zip(pending.params, perturbed, strict=True):
+                    p.data = q
 
     def _perturb(self) -> list[Perturbation]:
         answers = (self.checker.perturb() if self.checker is not None
@@ -749,19 +790,19 @@ class Sparsifier:
         else:
             st.closure = functools.partial(self._run_closure, closure)
             self._in_step = True
+            applied = None
             try:
                 self._restore()
                 self.pre_forward()
                 perts = self._perturb()
                 self.zero_grad()
                 st.inputs = next((p.inputs for p in reversed(perts) if p.inputs is not None), None)
-                restore = self._apply_perturbations(perts)
+                applied = self._apply_perturbations(perts)
+                perts = None  # the offsets' memory (S²-SAM: last step's gradient) is free again
                 self._sparse_compute_active(True)
                 loss = self._run_closure(closure)
-                if restore is not None:
-                    with torch.no_grad():
-                        torch._foreach_copy_(*restore)
             finally:
+                self._put_back(applied)
                 self._in_step = False
                 self._sparse_compute_active(False)
                 st.closure = self._missing("closure")
@@ -791,8 +832,8 @@ class Sparsifier:
         st = self.state
         pending = None
         if self._pending is not None:
-            names = {id(p): n for n, p in st.named_params.items()}
-            pending = {names[id(p)]: s.clone() for p, s in zip(*self._pending, strict=True)}
+            pending = {n: o.clone() for n, o in zip(self._pending.names, self._pending.originals,
+                                                    strict=True)}
         return {
             "step": st.step,
             "epoch": st.epoch,
@@ -835,12 +876,13 @@ class Sparsifier:
         pending = sd.get("pending")
         if pending:
             named = st.named_params
-            params = [named[n] for n in pending]
-            saved = [self._saved_buffer(n, named[n]) for n in pending]
+            names = list(pending)
+            params = [named[n] for n in names]
+            originals = [self._spare_buffer(n, named[n]) for n in names]
             with torch.no_grad():
-                torch._foreach_copy_(saved, [t.to(p.device) for t, p in
-                                             zip(pending.values(), params, strict=True)])
-            self._pending = (params, saved)
+                torch._foreach_copy_(originals, [t.to(p.device) for t, p in
+                                                 zip(pending.values(), params, strict=True)])
+            self._pending = _Applied(names, params, originals)
 
     def remove_hooks(self) -> None:
         """Detach the forward hooks this Sparsifier put on the model (and the sparse-compute

@@ -45,11 +45,68 @@ class Perturbation:
     """What a ``perturb`` hook asks the engine to do around the forward/backward pass.
 
     ``params``: parameter name -> offset added to that parameter (restored bit-exactly after the
-    backward). ``inputs``: replacement inputs for this step (adversarial examples).
+    backward). ``scale``: when given (a 0-dim tensor on the parameters' device, or a number),
+    the offset of each parameter is ``scale · params[name]``: the engine folds the product into
+    its add, so a direction (a gradient) need not be scaled into a new tensor first, and the
+    scale can stay on the device (SAM's and S²-SAM's ``ρ/‖g‖``, no host sync). The engine reads
+    ``params`` only while applying, before the forward; it never writes them. ``inputs``:
+    replacement inputs for this step (adversarial examples).
     """
 
     params: dict[str, torch.Tensor] = attrs.field(factory=dict)
     inputs: torch.Tensor | None = None
+    scale: torch.Tensor | float | None = None
+
+
+@torch.no_grad()
+def add_offsets_(
+    params: list[torch.Tensor], deltas: list[torch.Tensor],
+    scale: torch.Tensor | float | None = None,
+) -> None:
+    """``params[i] += scale · deltas[i]`` (``+= deltas[i]`` without a scale), in place.
+
+    With a tensor ``scale`` on the CPU this is one fused pass per parameter (``addcmul_``: no
+    scaled copy of the deltas is made; the product is rounded inside the fused kernel, as
+    ``addcmul`` does). On an accelerator it is two multi-tensor kernels (a scaled copy, then
+    the add), fewer launches than one kernel per parameter. No host synchronisation.
+    """
+    if not params:
+        return
+    if scale is None:
+        torch._foreach_add_(params, deltas)
+    elif not torch.is_tensor(scale):
+        torch._foreach_add_(params, deltas, alpha=scale)
+    elif params[0].device.type == "cpu":  # CPU foreach kernels loop over tensors anyway
+        torch._foreach_addcmul_(params, deltas, [scale] * len(params))
+    else:
+        torch._foreach_add_(params, torch._foreach_mul(deltas, scale))
+
+
+@torch.no_grad()
+def offset_into(
+    out: list[torch.Tensor], params: list[torch.Tensor], deltas: list[torch.Tensor],
+    scale: torch.Tensor | float | None = None,
+) -> None:
+    """``out[i] = params[i] + scale · deltas[i]`` (``+ deltas[i]`` without a scale), the
+    parameters left alone: the perturbed weights written into the engine's second buffers.
+
+    On the CPU one pass per parameter (``addcmul`` with a tensor ``scale``, whose product is
+    rounded inside the fused kernel); on an accelerator a copy and :func:`add_offsets_`, a few
+    multi-tensor kernels instead of one kernel per parameter. No host synchronisation.
+    """
+    if not params:
+        return
+    if params[0].device.type != "cpu":
+        torch._foreach_copy_(out, params)
+        add_offsets_(out, deltas, scale)
+        return
+    for o, p, d in zip(out, params, deltas, strict=True):
+        if scale is None:
+            torch.add(p, d, out=o)
+        elif torch.is_tensor(scale):
+            torch.addcmul(p, d, scale, out=o)
+        else:
+            torch.add(p, d, alpha=scale, out=o)
 
 
 @attrs.define(eq=False)

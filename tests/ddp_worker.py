@@ -167,8 +167,8 @@ def run_loop(rank: int, world: int, port: int, out: str) -> None:
 
         def after(outcome, name, impls, kwargs):
             if name == "sparsefw_perturb":
-                pert, = outcome.get_result()
-                eps.append({n: t.clone() for n, t in pert.params.items()})
+                pert, = outcome.get_result()  # ε = scale · direction
+                eps.append({n: t * pert.scale for n, t in pert.params.items()})
 
         sp.plugins.pm.add_hookcall_monitoring(lambda *args: None, after)
         init = {"model": {k: v.clone() for k, v in model.state_dict().items()},

@@ -54,8 +54,15 @@ def quad_state(w, a=1.0, b=4.0, mask=(True, True)):
     return state
 
 
+def offsets(pert):
+    """The offsets a :class:`Perturbation` asks for: ``scale · params[name]``."""
+    if pert.scale is None:
+        return dict(pert.params)
+    return {n: d * pert.scale for n, d in pert.params.items()}
+
+
 def engine_like_step(component, state, lr):
-    """The engine's order: perturb, zero grads, add offsets, forward/backward, restore by copy,
+    """The engine's order: perturb, zero grads, add offsets, forward/backward, restore,
     gradient_correct, mask grads, plain SGD step."""
     pert = component.sparsefw_perturb(state=state)
     w = state.model.w
@@ -63,7 +70,7 @@ def engine_like_step(component, state, lr):
     saved = w.detach().clone()
     with torch.no_grad():
         if pert is not None and "w" in pert.params:
-            w.add_(pert.params["w"])
+            w.add_(offsets(pert)["w"])
     state.forward_backward(*state.batch)
     with torch.no_grad():
         w.copy_(saved)
@@ -108,18 +115,18 @@ def test_masked_and_adaptive_by_hand():
     # mask-aware: w₂ pruned -> only w₁ moves, norm over active entries: e = (ρ·sign(g₁), 0)
     st_ = quad_state([1.0, 0.0], mask=(True, False))
     pert = engine_like_step(SAM(SharpnessConfig(rho=0.1)), st_, lr=0.1)
-    assert pert.params["w"].tolist() == pytest.approx([0.1, 0.0], abs=1e-9)
+    assert offsets(pert)["w"].tolist() == pytest.approx([0.1, 0.0], abs=1e-9)
     # dense (reference) option: the pruned entry is perturbed too
     st_ = quad_state([1.0, 0.5], mask=(True, False))
     pert = SAM(SharpnessConfig(rho=0.1, perturb_pruned=True)).sparsefw_perturb(state=st_)
     g = [1.0, 2.0]
-    assert pert.params["w"].tolist() == pytest.approx([0.1 * x / math.hypot(*g) for x in g])
+    assert offsets(pert)["w"].tolist() == pytest.approx([0.1 * x / math.hypot(*g) for x in g])
     # ASAM: e = ρ·T²g/‖Tg‖, T = |w| = (2, 0.5), g = (a·w₁, b·w₂) = (2, 2)
     st_ = quad_state([2.0, 0.5])
     pert = SAM(SharpnessConfig(rho=0.1, adaptive=True)).sparsefw_perturb(state=st_)
     tg = [2 * 2.0, 0.5 * 2.0]
     expect = [0.1 * 2 * tg[0] / math.hypot(*tg), 0.1 * 0.5 * tg[1] / math.hypot(*tg)]
-    assert pert.params["w"].tolist() == pytest.approx(expect, abs=1e-9)
+    assert offsets(pert)["w"].tolist() == pytest.approx(expect, abs=1e-9)
 
 
 @given(

@@ -16,10 +16,16 @@ their pruned entries in place, and zeroing gradients with ``set_to_none`` leaves
 alive), so no copy is made and no mask product is needed; for the dense perturbation and for
 forward masks it copies them, before hard masking. Masks, ASAM (``adaptive``, with
 ``T = |w_t|``), the schedule value ``rho`` and AMP are handled as in ``sam`` (see
-:func:`sparsefw_plugins.perturb.sam.ascent`): by default only active weights are perturbed, with
+:func:`sparsefw_plugins.perturb.sam.ascent_direction`): by default only active weights are perturbed, with
 the norm over active entries, using the *current* mask (entries dropped by a topology update
 leave the perturbation). A non-finite stored gradient (an fp16 step
 the loss scaler skipped) gives no perturbation. Memory: one gradient copy per parameter.
+
+Passes over memory per step (the paper's "zero extra cost" is in forward/backward passes; on a
+memory-bound model the rest shows): the norm of ``g_{t−1}`` (one multi-tensor norm), and the
+engine's save of the weights, its add of ``e`` and its copy back. ``e`` is never a tensor of its
+own: the hook hands the engine ``g_{t−1}`` itself and the 0-dim scale ``ρ/‖g_{t−1}‖`` (no host
+sync), which the engine folds into its add.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 
 from sparsefw.hookspecs import hookimpl
 from sparsefw.state import Perturbation
-from sparsefw_plugins.perturb.sam import SharpnessConfig, ascent, fp16
+from sparsefw_plugins.perturb.sam import SharpnessConfig, ascent_direction, fp16
 
 __all__ = ["S2SAM"]
 
@@ -61,12 +67,13 @@ class S2SAM:
         if not grads:
             return None
         c = self.cfg
-        e = ascent(
+        by_reference = self._by_reference(state)
+        v, scale = ascent_direction(
             grads, state.named_params, state.masks, state.values.get("rho", c.rho),
-            perturb_pruned=c.perturb_pruned, premasked=self._by_reference(state),
-            adaptive=c.adaptive, eta=c.eta, sanitize=fp16(state),
+            perturb_pruned=c.perturb_pruned, premasked=by_reference,
+            adaptive=c.adaptive, eta=c.eta, sanitize=fp16(state), owned=not by_reference,
         )
-        return Perturbation(params=e)
+        return Perturbation(params=v, scale=scale)
 
     @hookimpl(trylast=True)
     def sparsefw_gradient_correct(self, state):

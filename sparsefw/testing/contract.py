@@ -718,6 +718,12 @@ def check_perturb(entry: Entry, config: Any = None, *, h: Hints) -> None:
             if not isinstance(pert, Perturbation):
                 raise _fail(entry, check, f"answer must be a Perturbation or None, got "
                                           f"{type(pert).__name__}")
+            scale = pert.scale
+            if scale is not None and not (
+                    isinstance(scale, (int, float)) and math.isfinite(scale)
+                    or torch.is_tensor(scale) and scale.dim() == 0):
+                raise _fail(entry, check, f"scale must be a finite number or a 0-dim tensor, "
+                                          f"got {scale!r}")
             for name, delta in pert.params.items():
                 if name not in named:
                     raise _fail(entry, check, f"offset for unknown parameter {name!r}")
@@ -728,6 +734,8 @@ def check_perturb(entry: Entry, config: Any = None, *, h: Hints) -> None:
                 if delta.data_ptr() == p.data_ptr():
                     raise _fail(entry, check, f"offset of {name} is the parameter itself; "
                                               "return a new tensor")
+                if scale is not None:
+                    delta = delta * scale
                 if not bool(torch.isfinite(delta).all()):
                     raise _fail(entry, check, f"offset of {name} is not finite")
                 offsets[name] = delta
