@@ -128,9 +128,13 @@ def _plain(res: dict) -> float:
 
 
 def run(ctx: PartContext) -> None:
+    sizes = TINY if ctx.tiny else FULL
+    # the figures' frame first: a budget that runs out while the catalogue loads still
+    # leaves a report of an empty part, not a missing one
+    ctx.figures.update(amp="bf16", sizes=sizes.__dict__, eager={}, compiled={},
+                       clock="cuda events" if ctx.device.type == "cuda" else "wall")
     catalogue = load_catalogue(autoload=False, extra=[("gpu_suite_tokens", tokens)])
     registry = catalogue.registry
-    sizes = TINY if ctx.tiny else FULL
     wanted = ctx.options.get("steptime_modes", ("eager", "compile"))
     modes = [("eager", False, EAGER_VARIANTS)] if "eager" in wanted else []
     if "compile" not in wanted:
@@ -139,8 +143,6 @@ def run(ctx: PartContext) -> None:
         ctx.note("torch.compile: not run at --tiny (compiling on a CPU takes minutes)")
     else:
         modes.append(("torch.compile", True, COMPILED_VARIANTS))
-    ctx.figures.update(amp="bf16", sizes=sizes.__dict__, eager={}, compiled={},
-                       clock="cuda events" if ctx.device.type == "cuda" else "wall")
     try:
         for mode, compile_, keep in modes:
             store = ctx.figures["compiled" if compile_ else "eager"]
