@@ -250,12 +250,31 @@ class MaskSet:
             return {}
         return {n: self.effective_weight(n) for n in self.params}
 
-    def effective_weight(self, name: str) -> torch.Tensor:
-        """Forward masking: ``w ⊙ m_eff`` of one parameter, straight-through to ``w``."""
-        m = self._float[name]
+    def effective_weight(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward masking: ``w ⊙ m_eff`` of one parameter, straight-through to ``w``.
+
+        ``weight``: the whole (unsharded) weight FSDP2 all-gathered for this forward, in place
+        of the sharded parameter; it is masked with the whole mask (:meth:`whole_float_mask`)
+        and receives the straight-through gradient, which FSDP2 reduce-scatters to the shard.
+        """
+        if weight is None:
+            weight, m = self.params[name], self._float[name]
+        else:
+            m = self.whole_float_mask(name).to(weight.dtype)
         if self.decay:
             m = m + self.decay * (1 - m)
-        return _StraightThrough.apply(self.params[name], m)
+        return _StraightThrough.apply(weight, m)
+
+    @torch.no_grad()
+    def whole_float_mask(self, name: str) -> torch.Tensor:
+        """The mask of the whole layer as 0/1 in the parameter's dtype: for a sharded parameter
+        one all-gather of the shards' masks (as uint8: a quarter of an fp32 weight's bytes;
+        every rank of the mesh must reach it), else the cached :meth:`float_mask`."""
+        p = self.params[name]
+        if not sharding.is_sharded(p):
+            return self._float[name]
+        shard = sharding.to_dtensor(self.masks[name].to(torch.uint8), p)
+        return sharding.gather(shard).to(p.dtype)
 
     # ------------------------------------------------------------------ accounting
     def active_counts(self) -> torch.Tensor:

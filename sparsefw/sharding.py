@@ -15,9 +15,16 @@ takes the decision the unsharded run would take on identical inputs, and keeps i
 (:func:`local_slice`). Updates are rare, so the all-gathers cost little; the decision then
 equals the single-process one exactly, ties and random draws included.
 
+Forward masks (the N:M recipes: dense weights trained, ``w ⊙ m`` in the forward) are applied
+to the *unsharded* weight FSDP all-gathers for each forward, with the whole mask all-gathered
+from the shards' masks for that forward (:mod:`sparsefw.forward_masking`); the straight-through
+gradient is then reduce-scattered by FSDP, and SR-STE's decay ``λ·(1 − m) ⊙ w`` (Zhou et al.,
+arXiv 2102.04010) is added on the local shards.
+
 What is supported so far is checked up front (:func:`check_supported`): a 1-D mesh with
-``Shard`` placements, hard masks, and the components listed in :data:`SUPPORTED`; anything
-else fails with ``not supported under FSDP yet: ...`` instead of silently doing the wrong thing.
+``Shard`` placements, hard masks or forward masks with the ``nm`` topology, and the components
+listed in :data:`SUPPORTED`; anything else fails with ``not supported under FSDP yet: ...``
+instead of silently doing the wrong thing.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ import torch
 from torch import nn
 
 __all__ = [
+    "FORWARD_TOPOLOGIES",
     "SUPPORTED",
+    "UNVERIFIED_SCHEDULES",
     "NotSupportedUnderFSDP",
     "check_nm_groups",
     "check_supported",
@@ -45,10 +54,20 @@ __all__ = [
 
 #: the components verified under FSDP (tests/test_fsdp.py); others are refused
 SUPPORTED = {
-    "mask_init": ("random", "dense"),
-    "topology_update": ("rigl", "set", "static"),
-    "gradient_correct": (),
+    "mask_init": ("random", "dense", "nm"),
+    "topology_update": ("rigl", "set", "static", "nm"),
+    "gradient_correct": ("srste",),
     "perturb": (),
+}
+
+#: forward masks (``[sparsity] kind = "forward"``) are verified with the N:M recipe only:
+#: ``nm`` masks recomputed from |w| (STE, optionally SR-STE, Zhou et al. arXiv 2102.04010)
+FORWARD_TOPOLOGIES = ("nm",)
+
+#: schedules whose values change the masks' arithmetic, not verified under FSDP yet
+UNVERIFIED_SCHEDULES = {
+    "mask_decay": "MDGF's decaying mask (β > 0 in the forward)",
+    "structure_decay": "SDGF's changing N:M structure",
 }
 
 
@@ -162,11 +181,17 @@ def check_supported(masks, cfg) -> None:
         raise NotSupportedUnderFSDP(
             f"not supported under FSDP yet: [sparsity] init = {cfg.sparsity.init!r} with a "
             "placement other than Shard(0) (the fan-in of a row needs the whole row)")
-    if masks.kind != "hard":
+    if masks.kind != "hard" and (topo is None or topo.name not in FORWARD_TOPOLOGIES):
         raise NotSupportedUnderFSDP(
-            f"not supported under FSDP yet: [sparsity] kind = {masks.kind!r} (forward masks: "
-            "FSDP all-gathers the weights before the forward, where the masks are not "
-            "applied yet); use hard masks")
+            f"not supported under FSDP yet: [sparsity] kind = {masks.kind!r} with "
+            f"[topology_update] {getattr(topo, 'name', None)!r}; forward masks are verified "
+            f"under FSDP with the N:M recipe only ([topology_update] name = "
+            f"{' or '.join(map(repr, FORWARD_TOPOLOGIES))}); use hard masks otherwise")
+    for sel in cfg.schedule:
+        if sel.name in UNVERIFIED_SCHEDULES:
+            raise NotSupportedUnderFSDP(
+                f"not supported under FSDP yet: [[schedule]] {sel.name!r} "
+                f"({UNVERIFIED_SCHEDULES[sel.name]})")
     if cfg.sparsity.compute != "dense":
         raise NotSupportedUnderFSDP("not supported under FSDP yet: [sparsity] compute = "
                                     f"{cfg.sparsity.compute!r}; use \"dense\"")

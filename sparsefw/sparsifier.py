@@ -495,6 +495,7 @@ class Sparsifier:
     def _take_whole_masks(self, masks: MaskSet) -> None:
         """After a whole-layer decision on a gathered view: keep this rank's shard of it."""
         if masks is not self.masks:
+            self.masks.targets = dict(masks.targets)  # e.g. N:M's exact counts
             for name in self.masks.names:
                 self.masks.update(name, masks.masks[name])
 

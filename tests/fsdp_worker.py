@@ -22,6 +22,25 @@ def mlp() -> torch.nn.Sequential:
                                torch.nn.ReLU(), torch.nn.Linear(16, 4))
 
 
+def nm_mlp() -> torch.nn.Sequential:
+    """For 2:4 groups along the input dimension every fan-in is a multiple of 4; the last
+    layer's 5 rows split unevenly (3 + 2) over two ranks."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 36), torch.nn.ReLU(), torch.nn.Linear(36, 16),
+                               torch.nn.ReLU(), torch.nn.Linear(16, 5))
+
+
+#: N:M + SR-STE (Zhou et al., arXiv 2102.04010): forward masks, the 2:4 mask recomputed from
+#: |w| every 2 steps; λ_W far above the paper's 2e-4 so that the decay term shows in the weights
+NM_SRSTE = {"sparsity": {"kind": "forward", "density": 0.5},
+            "mask_init": {"name": "nm"},
+            "topology_update": {"name": "nm", "n": 2, "m": 4, "every": 2, "end": 1.0},
+            "gradient_correct": [{"name": "srste", "lambda_w": 0.05}]}
+
+#: plain STE: the same recipe without the SR-STE term (the test's sensitivity check)
+NM_STE = {k: v for k, v in NM_SRSTE.items() if k != "gradient_correct"}
+
+
 def shard(model: torch.nn.Module, placement_fn=None) -> torch.nn.Module:
     from torch.distributed.fsdp import fully_shard
 
@@ -41,13 +60,19 @@ def train_loop(method: str, steps: int, rank: int = 0, world: int = 1, sharded: 
     from sparsefw import Sparsifier, distributed_checkpoint, sharding
     from sparsefw.plugins import load_catalogue
 
-    model = mlp()
+    recipe = {"nm_srste": NM_SRSTE, "nm_ste": NM_STE}.get(method)
+    model = mlp() if recipe is None else nm_mlp()
+    classes = model[-1].out_features
     if sharded:
         shard(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    sp = Sparsifier(model, opt, catalogue=catalogue or load_catalogue(autoload=False),
-                    density=0.3, topology={"name": method, "every": 2, "end": 1.0,
-                                           "decay": "constant"}, total_steps=steps)
+    catalogue = catalogue or load_catalogue(autoload=False)
+    if recipe is None:
+        sp = Sparsifier(model, opt, catalogue=catalogue, density=0.3,
+                        topology={"name": method, "every": 2, "end": 1.0, "decay": "constant"},
+                        total_steps=steps)
+    else:
+        sp = Sparsifier(model, opt, recipe, catalogue=catalogue, total_steps=steps)
     first = {n: m.clone() for n, m in sharding.gathered_view(sp.masks).masks.items()}
     gen = torch.Generator().manual_seed(1)
     per = GLOBAL_BATCH // world
@@ -56,7 +81,7 @@ def train_loop(method: str, steps: int, rank: int = 0, world: int = 1, sharded: 
         distributed_checkpoint.load(resume[0], model, opt, sp)
     for i in range(steps):
         x = torch.randn(GLOBAL_BATCH, 8, generator=gen)
-        y = torch.randint(0, 4, (GLOBAL_BATCH,), generator=gen)
+        y = torch.randint(0, classes, (GLOBAL_BATCH,), generator=gen)
         if resume is not None and i < resume[1]:
             continue
         if save is not None and i == save[1]:
@@ -125,6 +150,35 @@ def nm_split(rank: int, world: int, port: int, out: str) -> None:
         except Exception as exc:
             with open(os.path.join(out, f"refused{rank}.txt"), "w") as f:
                 f.write(f"{type(exc).__name__}: {exc}")
+    except Exception:
+        _report(out, rank)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def refusals(rank: int, world: int, port: int, out: str) -> None:
+    """Forward masks with a topology other than ``nm``, and MDGF's decaying mask, on a
+    Shard(0)-placed MLP: refused (not verified under FSDP)."""
+    from sparsefw import Sparsifier
+    from sparsefw.plugins import load_catalogue
+
+    cases = {"forward_rigl": {"sparsity": {"kind": "forward", "density": 0.5},
+                              "topology_update": {"name": "rigl", "every": 2, "end": 1.0}},
+             "mask_decay": {**NM_STE, "schedule": [{"name": "mask_decay"}]}}
+    try:
+        _setup(rank, world, port)
+        model = shard(nm_mlp())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for tag, config in cases.items():
+            try:
+                Sparsifier(model, opt, config, catalogue=load_catalogue(autoload=False),
+                           total_steps=4)
+                text = "accepted"
+            except Exception as exc:
+                text = f"{type(exc).__name__}: {exc}"
+            with open(os.path.join(out, f"{tag}{rank}.txt"), "w") as f:
+                f.write(text)
     except Exception:
         _report(out, rank)
     finally:

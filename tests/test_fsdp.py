@@ -89,3 +89,48 @@ def test_fsdp_refuses_a_placement_that_splits_nm_groups(tmp_path):
         text = (tmp_path / f"refused{r}.txt").read_text()
         assert "NotSupportedUnderFSDP" in text and "0.weight" in text
         assert "splits N:M groups of 4 along dim 1" in text and "[0, 6)" in text
+
+
+def test_fsdp_masks_equal_single_process_nm_srste(catalogue, tmp_path):
+    """2:4 N:M + SR-STE (Zhou et al., arXiv 2102.04010) on a fully_shard-ed MLP: forward masks
+    on the unsharded weights FSDP all-gathers, the ``nm`` mask recomputed from |w| every 2
+    steps on the gathered view, SR-STE's decay on the local shards. After 4 topology updates
+    the whole masks equal one process's with the same global batch, the dense weights agree
+    within rtol 1e-4, and each rank held only its shard's mask."""
+    names = catalogue.registry.names
+    if "nm" not in names("topology_update") or "srste" not in names("gradient_correct"):
+        pytest.skip("nm / srste not registered")
+    steps = 7  # updates at steps 0, 2, 4 and 6
+    _spawn(fsdp_worker.run_loop, tmp_path, "nm_srste", steps)
+    a, b = (torch.load(tmp_path / f"fsdp{r}.pt", weights_only=False) for r in range(2))
+    ref = fsdp_worker.train_loop("nm_srste", steps, catalogue=catalogue)
+    ste = fsdp_worker.train_loop("nm_ste", steps, catalogue=catalogue)
+    assert a["updates"] == ref["updates"] >= 3
+    assert a["local_masks"]["4.weight"] == (3, 16) and b["local_masks"]["4.weight"] == (2, 16)
+    assert any(not torch.equal(ref["first"][n], m) for n, m in ref["masks"].items())
+    # the SR-STE term shows in the weights (beyond the tolerance), and the weights stay dense
+    assert any(not torch.allclose(ste["model"][n], p, rtol=1e-4, atol=1e-6)
+               for n, p in ref["model"].items())
+    for got in (a, b):
+        for n, m in ref["masks"].items():
+            assert torch.equal(got["first"][n], ref["first"][n]), n
+            assert torch.equal(got["masks"][n], m), n
+            assert (got["model"][n][~m] != 0).all(), n  # forward masks: pruned weights kept
+        for n, p in ref["model"].items():
+            torch.testing.assert_close(got["model"][n], p, rtol=1e-4, atol=1e-6)
+        assert got["densities"] == pytest.approx(ref["densities"])
+    for got in (a, b):  # masks sharded with their weights: about half of one process's bytes
+        assert 0.4 < got["bytes"]["total"] / ref["bytes"]["total"] < 0.6, got["bytes"]
+    assert a["bytes"]["total"] + b["bytes"]["total"] == ref["bytes"]["total"]
+
+
+def test_fsdp_refuses_unverified_forward_masking(tmp_path):
+    """Forward masks are verified under FSDP with the N:M recipe only; RigL on forward masks
+    and MDGF's decaying mask (β > 0) are refused, each with the reason."""
+    _spawn(fsdp_worker.refusals, tmp_path)
+    for r in range(2):
+        text = (tmp_path / f"forward_rigl{r}.txt").read_text()
+        assert text.startswith("NotSupportedUnderFSDP") and "kind = 'forward'" in text
+        assert "'rigl'" in text and "N:M recipe only" in text
+        text = (tmp_path / f"mask_decay{r}.txt").read_text()
+        assert text.startswith("NotSupportedUnderFSDP") and "'mask_decay'" in text

@@ -21,6 +21,7 @@ import torch
 
 from sparsefw.config import ConfigError, in_range
 from sparsefw.hookspecs import hookimpl
+from sparsefw.sharding import local
 
 
 @attrs.frozen
@@ -64,8 +65,10 @@ class SRSTE:
     @hookimpl
     def sparsefw_gradient_correct(self, state):
         masks = state.masks
-        triples = [(p.grad, p, masks.float_mask(n)) for n, p in masks.params.items()
-                   if p.grad is not None]
+        # under FSDP2 each rank corrects its own shards (weight, gradient and mask shards
+        # line up): the term is elementwise, so no collective is needed
+        triples = [(local(p.grad), masks.local_param(n), masks.float_mask(n))
+                   for n, p in masks.params.items() if p.grad is not None]
         if not triples:
             return
         grads, params, fmasks = (list(x) for x in zip(*triples, strict=True))
