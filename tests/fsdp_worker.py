@@ -4,6 +4,7 @@ single-process reference)."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 import traceback
@@ -108,7 +109,8 @@ def _setup(rank: int, world: int, port: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    # a rank whose peer died fails its collective after a minute instead of gloo's 30
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=90))
 
 
 def _report(out: str, rank: int) -> None:

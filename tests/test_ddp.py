@@ -23,6 +23,18 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _join(procs, timeout: float = 240) -> None:
+    """Wait for the workers; kill any that hang (pytest would otherwise wait for it at exit)
+    and fail."""
+    for p in procs:
+        p.join(timeout=timeout)
+    hung = [p for p in procs if p.exitcode is None]
+    for p in hung:
+        p.kill()
+        p.join()
+    assert not hung, "worker did not finish"
+
+
 def _launch(raw, out, resume=None, kill_at=None, world=2, check_exit=True):
     ctx = mp.get_context("spawn")
     port = _port()
@@ -31,9 +43,8 @@ def _launch(raw, out, resume=None, kill_at=None, world=2, check_exit=True):
              for r in range(world)]
     for p in procs:
         p.start()
+    _join(procs)
     for p in procs:
-        p.join(timeout=240)
-        assert p.exitcode is not None, "worker did not finish"
         if check_exit:
             assert p.exitcode == 0, f"worker exit code {p.exitcode}"
     return [out / f"rank{r}.pt" for r in range(world)]
@@ -129,8 +140,7 @@ def test_users_ddp_loop_with_a_sparsifier_keeps_ranks_in_sync_and_sam_local(tmp_
              for r in range(2)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(timeout=240)
+    _join(procs)
     errors = [f.read_text() for f in tmp_path.glob("error*.txt")]
     assert not errors, errors
     a, b = (torch.load(tmp_path / f"loop{r}.pt", weights_only=False) for r in range(2))
@@ -179,8 +189,7 @@ def test_sam_ascent_uses_each_ranks_own_gradient(catalogue, tmp_path):
              for r in range(2)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(timeout=240)
+    _join(procs)
     errors = [e.read_text() for e in tmp_path.glob("error*.txt")]
     assert not errors, errors
     eps = [torch.load(tmp_path / f"eps{r}.pt", weights_only=False) for r in range(2)]

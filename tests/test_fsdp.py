@@ -30,7 +30,11 @@ def _spawn(target, out, *args, world=2):
         p.start()
     for p in procs:
         p.join(timeout=240)
-        assert p.exitcode is not None, "worker did not finish"
+    hung = [p for p in procs if p.exitcode is None]
+    for p in hung:  # never leave a worker behind: pytest would wait for it at exit
+        p.kill()
+        p.join()
+    assert not hung, "worker did not finish"
     errors = [e.read_text() for e in sorted(out.glob("error*.txt"))]
     assert not errors, errors[0]
 
