@@ -1,0 +1,107 @@
+"""The host-count selection (``select_per_segment`` with a list of counts) picks exactly the
+entries of a plain stable sort by (score, flat index), ties, signed zeros, infinities and NaNs
+included, on every path: the partial top-k on integer keys and the sampled pre-filter used on
+large CPU layers (``_select_sampled``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sparsefw import topology
+from sparsefw.topology import select_per_segment
+
+NAN = float("nan")
+INF = float("inf")
+#: scores drawn from a few of these: ties everywhere, -0.0 next to 0.0, NaNs of both signs
+PALETTE = (0.0, -0.0, 1.0, -1.0, 0.5, 2.0, INF, -INF, NAN, -NAN)
+
+
+def _order(bits: int) -> int:
+    """A float32's bits (as a signed int) made monotone: the order the selection uses."""
+    return bits ^ 0x7FFFFFFF if bits < 0 else bits
+
+
+def reference(scores: torch.Tensor, cand: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """The rule, written out: non-candidates get the worst score (-inf when ``largest``, +inf
+    otherwise); all entries are stably sorted by score (-0.0 equal to 0.0, a NaN with the sign
+    bit clear above +inf, one with it set below -inf), best first, so that among equal scores
+    the lower index comes first; the first ``k`` are taken and the non-candidates among them
+    dropped."""
+    n = scores.numel()
+    fill = torch.tensor([-INF if largest else INF])
+    filled = torch.where(cand, scores, fill)
+    keys = [_order(b) for b in (filled + 0.0).view(torch.int32).tolist()]
+    order = sorted(range(n), key=lambda i: -keys[i] if largest else keys[i])  # stable
+    chosen = torch.zeros(n, dtype=torch.bool)
+    for i in order[:k]:
+        chosen[i] = bool(cand[i])
+    return chosen
+
+
+def draw(n: int, palette: list[float], density: float, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.tensor(palette, dtype=torch.float32)
+    scores = values[torch.randint(0, len(palette), (n,), generator=g)]
+    cand = torch.rand(n, generator=g) < density
+    return scores, cand
+
+
+case = dict(
+    n=st.integers(1, 3000),
+    palette=st.lists(st.sampled_from(PALETTE), min_size=1, max_size=5),
+    density=st.sampled_from([0.05, 0.5, 0.95, 1.0]),
+    seed=st.integers(0, 2**16),
+    largest=st.booleans(),
+    data=st.data(),
+)
+
+
+@given(**case)
+def test_host_count_selection_equals_the_stable_sort(n, palette, density, seed, largest, data):
+    scores, cand = draw(n, palette, density, seed)
+    k = data.draw(st.integers(0, n + 3))
+    expect = reference(scores, cand, k, largest)
+    assert torch.equal(select_per_segment([scores], [cand], [k], largest=largest)[0], expect)
+    with pytest.MonkeyPatch.context() as mp:  # every layer through the sampled pre-filter
+        mp.setattr(topology, "SAMPLED_MIN_NUMEL", 0)
+        out = select_per_segment([scores], [cand], [k], largest=largest)[0]
+    assert torch.equal(out, expect)
+
+
+@given(**case)
+def test_sampled_selection_is_exact_or_declines(n, palette, density, seed, largest, data):
+    """``_select_sampled`` either returns the exact selection or None (never a wrong one)."""
+    scores, cand = draw(n, palette, density, seed)
+    k = data.draw(st.integers(1, n))
+    out = topology._select_sampled(scores, cand, k, largest)
+    if out is not None:
+        assert torch.equal(out, reference(scores, cand, k, largest))
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("palette", [None, (0.0, -0.0, 1.0, 3.0), (0.5, NAN, -NAN, INF, -INF)])
+def test_large_layer_takes_the_sampled_path_and_matches(largest, palette):
+    """A layer above ``SAMPLED_MIN_NUMEL``: the fast path answers (no fallback) and agrees with
+    the stable sort, with continuous scores and with a few tied values. (NaNs that rank first,
+    positive ones when ``largest``, leave no threshold to place: the full selection runs.)"""
+    n = topology.SAMPLED_MIN_NUMEL * 2 + 8
+    g = torch.Generator().manual_seed(3)
+    if palette is None:
+        scores, cand = torch.randn(n, generator=g), torch.rand(n, generator=g) < 0.1
+    else:
+        scores, cand = draw(n, list(palette), 0.9, 5)
+    k = int(cand.sum()) // 3
+    out = topology._select_sampled(scores, cand, k, largest)
+    expect = reference(scores, cand, k, largest)
+    if largest and palette is not None and any(math.isnan(v) for v in palette):
+        assert out is None
+    else:
+        assert out is not None
+        assert torch.equal(out, expect)
+    shaped = select_per_segment([scores.view(8, -1)], [cand.view(8, -1)], [k], largest=largest)
+    assert torch.equal(shaped[0], expect.view(8, -1))
