@@ -17,7 +17,8 @@ One run measures, on the same model, the same fixed batch and the same optimizer
   (e) ``rigl``    RigL on top of (c): a regular step, an update step, and the cost amortised
                   over ΔT = 100 steps
   (f) ``s2sam``, (g) ``sam``, (h) ``agent``  on top of (c); AGENT also per epoch (its epoch hooks
-                  run a statistics pass over the training data)
+                  run a statistics pass over the training data); (h') ``agent_prev`` its
+                  ``mean_grad = "previous_epoch"`` variant (no statistics pass)
 
 Components that are not registered are reported as "not available". sparsefw steps are timed
 through the real engine: a :class:`sparsefw.engine.Trainer` built from a config dict (synthetic
@@ -275,6 +276,11 @@ def variants(spec: ModelSpec, registry, names: set[str]) -> list[Variant]:
         Variant("agent", "(h) AGENT, training step", base="hard90",
                 sections=_hard90(gradient_correct=[{"name": "agent"}]),
                 requires=(("gradient_correct", "agent"),)),
+        Variant("agent_prev", "(h') AGENT, previous_epoch variant", base="hard90",
+                sections=_hard90(gradient_correct=[{"name": "agent",
+                                                    "mean_grad": "previous_epoch"}]),
+                requires=(("gradient_correct", "agent"),),
+                note="no statistics pass: the mean gradient of the previous epoch's steps"),
     ]
     return out
 
