@@ -47,6 +47,12 @@ class KillAt(Exception):
     pass
 
 
+def _report(out: str, rank: int, exc: Exception) -> None:
+    """Tell the parent what failed on this rank (tests/spawning.py reads the file)."""
+    with open(os.path.join(out, f"error{rank}.txt"), "w") as f:
+        f.write(f"{type(exc).__name__}: {exc}")
+
+
 def _setup(rank: int, world: int, port: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -100,8 +106,7 @@ def sam_epsilon(rank: int, world: int, port: int, raw: dict, out: str) -> None:
         del record["before"]
         torch.save(record, os.path.join(out, f"eps{rank}.pt"))
     except Exception as exc:  # report to the parent through a file
-        with open(os.path.join(out, f"error{rank}.txt"), "w") as f:
-            f.write(f"{type(exc).__name__}: {exc}")
+        _report(out, rank, exc)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -134,8 +139,7 @@ def run(rank: int, world: int, port: int, raw: dict, out: str, resume: str | Non
     except KillAt:
         pass
     except Exception as exc:  # report to the parent through a file
-        with open(os.path.join(out, f"error{rank}.txt"), "w") as f:
-            f.write(f"{type(exc).__name__}: {exc}")
+        _report(out, rank, exc)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -190,9 +194,8 @@ def run_loop(rank: int, world: int, port: int, out: str) -> None:
         torch.save({"model": model.state_dict(), "masks": dict(sp.masks.masks), "eps": eps,
                     "batches": local, "step": sp.state.step, "init": init},
                    os.path.join(out, f"loop{rank}.pt"))
-    except Exception as exc:
-        with open(os.path.join(out, f"error{rank}.txt"), "w") as f:
-            f.write(f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # report to the parent through a file
+        _report(out, rank, exc)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -4,48 +4,22 @@ under 2 processes reproducing the uninterrupted 2-process run."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from sparsefw import config as config_mod
 from sparsefw.engine import train
 
 from . import ddp_worker
 from .conftest import TINY, merge
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _join(procs, timeout: float = 240) -> None:
-    """Wait for the workers; kill any that hang (pytest would otherwise wait for it at exit)
-    and fail."""
-    for p in procs:
-        p.join(timeout=timeout)
-    hung = [p for p in procs if p.exitcode is None]
-    for p in hung:
-        p.kill()
-        p.join()
-    assert not hung, "worker did not finish"
+from .spawning import spawn
 
 
 def _launch(raw, out, resume=None, kill_at=None, world=2, check_exit=True):
-    ctx = mp.get_context("spawn")
-    port = _port()
-    procs = [ctx.Process(target=ddp_worker.run, args=(r, world, port, raw, str(out), resume,
-                                                      kill_at))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    _join(procs)
-    for p in procs:
-        if check_exit:
+    procs = spawn(ddp_worker.run, out, raw, str(out), resume, kill_at, world=world,
+                  check_errors=check_exit)
+    if check_exit:
+        for p in procs:
             assert p.exitcode == 0, f"worker exit code {p.exitcode}"
     return [out / f"rank{r}.pt" for r in range(world)]
 
@@ -134,15 +108,7 @@ def test_kill_and_resume_under_two_processes(catalogue, tmp_path):
 def test_users_ddp_loop_with_a_sparsifier_keeps_ranks_in_sync_and_sam_local(tmp_path):
     """A user's own DDP loop: masks and weights equal on both ranks after 3 RigL updates, and
     SAM's first-step ε on each rank is computed from that rank's own gradient."""
-    ctx = mp.get_context("spawn")
-    port = _port()
-    procs = [ctx.Process(target=ddp_worker.run_loop, args=(r, 2, port, str(tmp_path)))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    _join(procs)
-    errors = [f.read_text() for f in tmp_path.glob("error*.txt")]
-    assert not errors, errors
+    spawn(ddp_worker.run_loop, tmp_path, str(tmp_path))
     a, b = (torch.load(tmp_path / f"loop{r}.pt", weights_only=False) for r in range(2))
     assert a["step"] == b["step"] == 6
     for n in a["masks"]:
@@ -183,15 +149,7 @@ def test_sam_ascent_uses_each_ranks_own_gradient(catalogue, tmp_path):
         "data": {"n_train": 64},
         "perturb": [{"name": "sam", "rho": 0.05}],
     })
-    ctx = mp.get_context("spawn")
-    port = _port()
-    procs = [ctx.Process(target=ddp_worker.sam_epsilon, args=(r, 2, port, raw, str(tmp_path)))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    _join(procs)
-    errors = [e.read_text() for e in tmp_path.glob("error*.txt")]
-    assert not errors, errors
+    spawn(ddp_worker.sam_epsilon, tmp_path, raw, str(tmp_path))
     eps = [torch.load(tmp_path / f"eps{r}.pt", weights_only=False) for r in range(2)]
     for rec in eps:
         assert rec["sync"] is False

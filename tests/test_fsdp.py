@@ -3,40 +3,18 @@ follow the parameters' sharding, and topology decisions equal the single-process
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from . import fsdp_worker
+from .spawning import spawn
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available")
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(target, out, *args, world=2):
-    ctx = mp.get_context("spawn")
-    port = _port()
-    procs = [ctx.Process(target=target, args=(r, world, port, str(out), *args))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    hung = [p for p in procs if p.exitcode is None]
-    for p in hung:  # never leave a worker behind: pytest would wait for it at exit
-        p.kill()
-        p.join()
-    assert not hung, "worker did not finish"
-    errors = [e.read_text() for e in sorted(out.glob("error*.txt"))]
-    assert not errors, errors[0]
+    spawn(target, out, str(out), *args, world=world)
 
 
 @pytest.mark.parametrize("method", ["rigl", "set"])
