@@ -133,5 +133,6 @@ def test_a_short_budget_cuts_the_part_and_still_reports(tmp_path):
     data = json.loads((out / "gpu-report.json").read_text())
     (part,) = data["parts"]
     assert part["status"] == "cut" and not part["failures"]
-    assert len(part["figures"]["eager"]) < 5
+    # fewer than all five models (none, when start-up on a loaded machine used the 2 s)
+    assert len(part["figures"].get("eager", {})) < 5
     assert "cut (ran out of its time budget" in (out / "gpu-report.md").read_text()
