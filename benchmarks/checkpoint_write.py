@@ -84,7 +84,7 @@ def main(argv=None) -> int:
             out.append(time.perf_counter() - t)
         return statistics.median(out) * 1e3
 
-    check = median_ms(lambda: trainer.guard.check_weights(0, trainer.model.parameters()))
+    check = median_ms(lambda: trainer.guard.check_weights(0, trainer._parameters))
     with open(ckpt, "rb") as f:
         archive = median_ms(lambda: checkpoint._complete_archive(f))
     moved = ckpt.with_name("moved.pt")

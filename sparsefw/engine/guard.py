@@ -24,7 +24,6 @@ weights themselves are checked too (an update can overflow with finite gradients
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
@@ -105,14 +104,16 @@ class DivergenceGuard:
                            f"learning rate, or set [train] on_nonfinite = \"skip\")", first)
 
     def check_weights(self, step: int, params: Iterable[torch.Tensor]) -> None:
-        """Raise :class:`Diverged` if a weight is non-finite (before a checkpoint write)."""
+        """Raise :class:`Diverged` if a weight is non-finite (before a checkpoint write); one
+        host sync. ``params``: a list is used as it is (the Trainer keeps one, since
+        listing a model's parameters costs as much as the check itself)."""
         self.check()
-        params = list(params)
+        params = params if isinstance(params, list) else list(params)
         if not params:
             return
-        with torch.no_grad():  # a NaN or an infinity makes the sum of the norms non-finite
-            total = torch.stack(torch._foreach_norm(params)).sum().item()
-        if not math.isfinite(total):
+        with torch.no_grad():
+            bad = bool(_nonfinite(params))
+        if bad:
             raise Diverged(f"training diverged: non-finite weights after step {step} (an "
                            f"update overflowed); the run stopped without checkpointing them",
                            step)

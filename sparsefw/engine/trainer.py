@@ -115,6 +115,8 @@ class Trainer:
 
         self.guard = DivergenceGuard(tc.on_nonfinite, tc.max_nonfinite_skips, tc.log_every,
                                      self.device, gradients=tc.amp != "fp16")
+        #: the model's parameters, listed once (the weights check before each write reads them)
+        self._parameters = list(model.parameters())
         # the step lifecycle: the same object a user's own loop drives
         self.sparsifier = Sparsifier(
             model, self.optimizer, cfg, catalogue=catalogue, total_steps=self.total_steps,
@@ -246,7 +248,7 @@ class Trainer:
         """Write ``checkpoint.pt`` atomically into the run directory (the one it replaces
         is kept as ``checkpoint.prev.pt``); never when the weights are non-finite."""
         st = self.state
-        self.guard.check_weights(st.step, self.model.parameters())
+        self.guard.check_weights(st.step, self._parameters)
         payload = {
             "step": st.step,
             "epoch": st.epoch,
