@@ -144,19 +144,43 @@ class SeedLoopRunner(PlainRunner):
 
 
 class RiglTorchRunner(PlainRunner):
-    """rigl-torch's ``RigLScheduler`` on the plain loop's model and optimizer."""
+    """rigl-torch's ``RigLScheduler`` on the plain loop's model and optimizer.
+
+    ``every_layer``: every weighted layer 90% sparse, the first too (its ``uniform`` keeps the
+    first layer dense and has no option against it): the scheduler is built from a
+    ``state_dict`` (its resume argument) holding random 90% masks for every layer."""
 
     update_steps = 1
 
-    def __init__(self, spec, registry, device: torch.device, static: bool = False):
+    def __init__(self, spec, registry, device: torch.device, static: bool = False,
+                 every_layer: bool = False):
         from rigl_torch.RigL import RigLScheduler
+        from rigl_torch.util import get_W
 
         super().__init__(spec, registry, device, compile=False)
         self.every = RIGL_EVERY
+        resume = None
+        if every_layer:
+            weights, linear = get_W(self.model, return_linear_layers_mask=True)
+            gen = torch.Generator().manual_seed(0)
+            masks = []
+            for w in weights:
+                keep = torch.zeros(w.numel(), dtype=torch.bool)
+                keep[torch.randperm(w.numel(), generator=gen)[:round(DENSITY * w.numel())]] = 1
+                masks.append(keep.view_as(w).to(w.device))
+            resume = {"dense_allocation": DENSITY, "S": [1 - DENSITY] * len(weights),
+                      "N": [w.numel() for w in weights],
+                      "hyperparams": {"delta_T": self.every, "alpha": ALPHA, "T_end": T_END,
+                                      "ignore_linear_layers": False, "static_topo": static,
+                                      "sparsity_distribution": "uniform",
+                                      "grad_accumulation_n": 1},
+                      "step": 0, "rigl_steps": 0, "backward_masks": masks,
+                      "_linear_layers_mask": linear}
         self.pruner = RigLScheduler(self.model, self.optimizer, dense_allocation=DENSITY,
                                     sparsity_distribution="uniform", ignore_linear_layers=False,
                                     T_end=T_END, delta=self.every, alpha=ALPHA,
-                                    grad_accumulation_n=1, static_topo=static)
+                                    grad_accumulation_n=1, static_topo=static,
+                                    state_dict=resume)
 
     def _train(self, x, y) -> None:
         self.optimizer.zero_grad()
@@ -282,6 +306,10 @@ def rows(spec, catalogue, device: torch.device, sizes: Sizes, run_dir: Path) -> 
         Row("rigl_torch_static", "(e') rigl-torch static_topo 90%",
             lambda: RiglTorchRunner(spec, registry, device, static=True), kernels=kern,
             package=PEERS["rigl_torch_static"], note="uniform: its first layer stays dense"),
+        Row("rigl_torch_all", "(e'') rigl-torch RigLScheduler, every layer 90%",
+            lambda: RiglTorchRunner(spec, registry, device, every_layer=True), kernels=kern,
+            updates=True, package=PEERS["rigl_torch"],
+            note="first layer sparse too: masks given through its state_dict argument"),
         Row("sparsimony", "(f) sparsimony RigL 90%",
             lambda: SparsimonyRunner(spec, registry, device), kernels=kern, updates=True,
             package=PEERS["sparsimony"], note="ERK; parametrized weights"),
