@@ -344,7 +344,6 @@ def measure_case(spec, catalogue, device: torch.device, sizes: Sizes, args, run_
                        reason=f"pip install --no-deps {row.package[0]} (tox -e bench-peers)")
             continue
         try:
-            gc.collect()
             built = row.build()
             group = built if isinstance(built, dict) else {None: built}
             for impl, runner in group.items():
