@@ -21,6 +21,9 @@ Rows, all on the same model, fixed batch and SGD settings (lr 0.05, momentum 0.9
                           (``loss.backward(); if pruner(): optimizer.step()``); regular step,
                           update step, amortised over ΔT = 100
   (e') ``rigl_torch_static``  the same with ``static_topo=True`` (a fixed random mask)
+  (e'') ``rigl_torch_all``  the same scheduler with every layer 90% sparse, the first too:
+                          random masks handed to it through its ``state_dict`` argument (its
+                          resume path; it has no option for a sparse first layer)
   (f)  ``sparsimony``     sparsimony's ``RigL`` sparsifier at 90% (ERK distribution, cosine
                           drop schedule 0.3, ``delta_t=100``), ``prepare``\\ d on every
                           Linear/Conv weight (parametrizations); ``optimizer.step();
