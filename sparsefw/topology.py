@@ -113,17 +113,22 @@ def select_indices(
     k: Sequence[int],
     *,
     largest: bool,
+    magnitude: bool = False,
 ) -> list[torch.Tensor]:
     """:func:`select_per_segment` with host counts, answered as flat indices: per layer a long
     tensor (on the layer's device, in no particular order) of the ``k[i]`` chosen entries of
     ``scores[i]``, the same entries and tie rule. Cheaper than the bool masks when the
-    caller edits masks at those indices (:meth:`DropGrow.update_by_index`)."""
+    caller edits masks at those indices (:meth:`DropGrow.update_by_index`).
+
+    ``magnitude``: the scores are ``|scores[i]|``; large CPU layers then compare ``scores[i]``
+    with ``±t`` instead of building the absolute values."""
     fill = -math.inf if largest else math.inf
-    return [_select_topk(s.reshape(-1).float(), c.reshape(-1), int(k[i]), largest, fill)
+    return [_select_topk(s.reshape(-1).float(), c.reshape(-1), int(k[i]), largest, fill,
+                         magnitude)
             for i, (s, c) in enumerate(zip(scores, candidates, strict=True))]
 
 
-def _select_topk(flat, cand, k: int, largest, fill) -> torch.Tensor:
+def _select_topk(flat, cand, k: int, largest, fill, magnitude=False) -> torch.Tensor:
     """:func:`_select` with a host count, as flat indices: a partial top-k on unique integer
     keys (:func:`_order_keys`), or on large CPU layers :func:`_select_sampled`, which picks
     the same entries."""
@@ -131,9 +136,11 @@ def _select_topk(flat, cand, k: int, largest, fill) -> torch.Tensor:
     if k <= 0:
         return torch.zeros(0, dtype=torch.long, device=flat.device)
     if flat.device.type == "cpu" and flat.numel() >= SAMPLED_MIN_NUMEL:
-        chosen = _select_sampled(flat, cand, k, largest)
+        chosen = _select_sampled(flat, cand, k, largest, magnitude)
         if chosen is not None:
             return chosen
+    if magnitude:
+        flat = flat.abs()
     keys = _order_keys(flat.masked_fill(~cand, fill), largest)
     idx = torch.topk(keys, k, largest=largest, sorted=False).indices
     return idx[cand[idx]]  # counts above the candidates' pick filled entries: not chosen
@@ -163,7 +170,8 @@ def _ordered(x: float) -> int:
     return bits ^ 0x7FFFFFFF if bits < 0 else bits
 
 
-def _select_sampled(flat, cand, k: int, largest: bool) -> torch.Tensor | None:
+def _select_sampled(flat, cand, k: int, largest: bool, magnitude: bool = False
+                    ) -> torch.Tensor | None:
     """:func:`_select_topk` on a large CPU layer: exactly the same entries (as flat
     indices), ~10x faster.
 
@@ -185,12 +193,18 @@ def _select_sampled(flat, cand, k: int, largest: bool) -> torch.Tensor | None:
     (every entry left out is then strictly worse than it) and strictly better than the fill
     score of non-candidates (so none of them ranks among the first ``k``); otherwise, and
     whenever the sample cannot place ``t`` (``k`` near the candidate count, a NaN threshold),
-    this returns None and the caller runs the full selection."""
+    this returns None and the caller runs the full selection.
+
+    ``magnitude``: the scores are ``|flat|`` (``t ≥ 0``); step 2 compares ``flat`` with ``±t``
+    (``|x| < t`` is ``-t < x < t``; a NaN is on no side, as before) and only the kept entries'
+    absolute values are taken."""
     n = flat.numel()
     s = flat.detach().reshape(-1).numpy()
     c = cand.reshape(-1).numpy()
     pos = _sample_positions(n)
     v = s[pos][c[pos]]  # the sampled candidates' scores
+    if magnitude:
+        v = np.abs(v)
     # entries of the sample expected among the k chosen, plus a margin of ~4 standard deviations
     r = k * _SAMPLE / n
     r = int(r + 4.0 * math.sqrt(r) + 16)
@@ -203,10 +217,15 @@ def _select_sampled(flat, cand, k: int, largest: bool) -> torch.Tensor | None:
     if np.isnan(t):
         return None
     worse = np.less(s, t) if largest else np.greater(s, t)
+    if magnitude and largest:
+        worse &= np.greater(s, -t)
+    elif magnitude:
+        worse |= np.less(s, -t)
     idx = _flatnonzero(np.greater(c, worse, out=worse))  # c > worse: a candidate, not worse
     if idx.size < k:
         return None
-    best, kth = _best_kept(s.take(idx), k, largest)
+    vals = s.take(idx)
+    best, kth = _best_kept(np.abs(vals) if magnitude else vals, k, largest)
     if largest:
         ok = kth >= _ordered(float(t)) and kth > ~_INF_KEY
     else:
@@ -391,7 +410,12 @@ class DropGrow:
         """:meth:`drop_grow` with host counts, answered as flat indices per layer: ``(dropped,
         grown)``, long tensors (in no particular order). The new mask is ``masks[i]`` with
         ``dropped`` cleared, then ``grown`` set (an entry in both was re-grown: it stays)."""
-        dropped = select_indices(self.drop_scores(state, names), masks, k_drop, largest=False)
+        if type(self).drop_scores is DropGrow.drop_scores:  # |w|, without building it
+            weights = [state.masks.params[n].detach() for n in names]
+            dropped = select_indices(weights, masks, k_drop, largest=False, magnitude=True)
+        else:
+            dropped = select_indices(self.drop_scores(state, names), masks, k_drop,
+                                     largest=False)
         cand = [(~m).contiguous() for m in masks]
         if self.cfg.regrow_dropped:  # inactive after the drop
             for c, d in zip(cand, dropped, strict=True):

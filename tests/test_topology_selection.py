@@ -141,3 +141,18 @@ def test_best_kept_follows_the_key_order(n, palette, seed, largest, data):
     worst = scores[expect]
     keys = [_order((torch.tensor([v]) + 0.0).view(torch.int32).item()) for v in worst.tolist()]
     assert kth == (min(keys) if largest else max(keys))
+
+
+@given(**case)
+def test_magnitude_selection_equals_the_stable_sort_of_absolute_values(n, palette, density, seed,
+                                                                       largest, data):
+    """``magnitude=True`` (scores ``|x|``; large CPU layers compare ``x`` with ``±t``) picks the
+    entries the stable sort of ``x.abs()`` picks, on both paths."""
+    scores, cand = draw(n, palette, density, seed)
+    k = data.draw(st.integers(0, n + 3))
+    expect = reference(scores.abs(), cand, k, largest)
+    for threshold in (topology.SAMPLED_MIN_NUMEL, 0):  # 0: every layer through the pre-filter
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(topology, "SAMPLED_MIN_NUMEL", threshold)
+            out = select_indices([scores], [cand], [k], largest=largest, magnitude=True)[0]
+        assert torch.equal(as_mask(out, n), expect)
