@@ -283,6 +283,27 @@ class MaskSet:
         shard = sharding.to_dtensor(self.masks[name].to(torch.uint8), p)
         return sharding.gather(shard).to(p.dtype)
 
+    @torch.no_grad()
+    def update_at(self, name: str, drop: torch.Tensor, grow: torch.Tensor) -> None:
+        """Replace one mask by a copy with the entries at the flat indices ``drop`` (long, on
+        the mask's device) made inactive, then those at ``grow`` active (an index in both stays
+        active); the cached float mask is edited in place at the same indices, not converted
+        again. The indices address the whole layer, so not for a parameter sharded by FSDP2
+        (topology components see whole layers: :func:`sparsefw.sharding.gathered_view`)."""
+        if sharding.is_sharded(self.params[name]):
+            raise ValueError(f"update_at needs the whole layer; {name} is sharded")
+        mask = self.masks[name].clone(memory_format=torch.contiguous_format)
+        fmask = self._float[name]
+        if not fmask.is_contiguous():
+            fmask = self._float[name] = fmask.contiguous()
+            self._lists_cache = None
+        for m, off, on in ((mask, False, True), (fmask, 0, 1)):
+            m.view(-1).index_fill_(0, drop, off).index_fill_(0, grow, on)
+        self.masks[name] = mask
+        if name not in self._sparse:  # conservatively: it may hold zeros now
+            self._sparse.append(name)
+            self._lists_cache = None
+
     # ------------------------------------------------------------------ accounting
     def active_counts(self) -> torch.Tensor:
         """Active entries per layer as one device tensor (model order). Sharded: summed over

@@ -76,11 +76,13 @@ def select_per_segment(
         chosen = _select(flat, cand, k.reshape(()), largest, fill)
         return [c.view_as(s) for c, s in zip(chosen.split(sizes), scores, strict=True)]
     if not torch.is_tensor(k):
-        return [
-            _select_topk(s.reshape(-1).float(), c.reshape(-1), int(k[i]), largest, fill)
-            .view_as(s)
-            for i, (s, c) in enumerate(zip(scores, candidates, strict=True))
-        ]
+        out = []
+        for s, c, idx in zip(scores, candidates, select_indices(scores, candidates, k,
+                                                               largest=largest), strict=True):
+            chosen = torch.zeros(s.numel(), dtype=torch.bool, device=c.device)
+            chosen[idx] = True
+            out.append(chosen.view_as(s))
+        return out
     # one sort per layer (a segmented sort by layer id is slow on CPU: stable sorts of keys with
     # many duplicates); still no host sync, the counts stay on the device
     return [
@@ -105,21 +107,43 @@ def _order_keys(flat: torch.Tensor, largest: bool) -> torch.Tensor:
     return ordered * 4_294_967_296 + pos
 
 
-def _select_topk(flat, cand, k: int, largest, fill):
-    """:func:`_select` with a host count: a partial top-k on unique integer keys
-    (:func:`_order_keys`), or on large CPU layers :func:`_select_sampled`, which picks the
-    same entries."""
+def select_indices(
+    scores: Sequence[torch.Tensor],
+    candidates: Sequence[torch.Tensor],
+    k: Sequence[int],
+    *,
+    largest: bool,
+    magnitude: bool = False,
+) -> list[torch.Tensor]:
+    """:func:`select_per_segment` with host counts, answered as flat indices: per layer a long
+    tensor (on the layer's device, in no particular order) of the ``k[i]`` chosen entries of
+    ``scores[i]``, the same entries and tie rule. Cheaper than the bool masks when the
+    caller edits masks at those indices (:meth:`DropGrow.update_by_index`).
+
+    ``magnitude``: the scores are ``|scores[i]|``; large CPU layers then compare ``scores[i]``
+    with ``±t`` instead of building the absolute values."""
+    fill = -math.inf if largest else math.inf
+    return [_select_topk(s.reshape(-1).float(), c.reshape(-1), int(k[i]), largest, fill,
+                         magnitude)
+            for i, (s, c) in enumerate(zip(scores, candidates, strict=True))]
+
+
+def _select_topk(flat, cand, k: int, largest, fill, magnitude=False) -> torch.Tensor:
+    """:func:`_select` with a host count, as flat indices: a partial top-k on unique integer
+    keys (:func:`_order_keys`), or on large CPU layers :func:`_select_sampled`, which picks
+    the same entries."""
     k = min(k, flat.numel())
     if k <= 0:
-        return torch.zeros_like(cand)
+        return torch.zeros(0, dtype=torch.long, device=flat.device)
     if flat.device.type == "cpu" and flat.numel() >= SAMPLED_MIN_NUMEL:
-        chosen = _select_sampled(flat, cand, k, largest)
+        chosen = _select_sampled(flat, cand, k, largest, magnitude)
         if chosen is not None:
             return chosen
-    chosen = torch.zeros_like(cand)
+    if magnitude:
+        flat = flat.abs()
     keys = _order_keys(flat.masked_fill(~cand, fill), largest)
-    chosen[torch.topk(keys, k, largest=largest, sorted=False).indices] = True
-    return chosen & cand
+    idx = torch.topk(keys, k, largest=largest, sorted=False).indices
+    return idx[cand[idx]]  # counts above the candidates' pick filled entries: not chosen
 
 
 #: layers with at least this many entries select by :func:`_select_sampled` on the CPU
@@ -132,8 +156,9 @@ _SAMPLE = 1 << 15
 def _sample_positions(n: int) -> np.ndarray:
     """Fixed pseudo-random positions in ``[0, n)`` (the same every call: the selection never
     depends on them, only its speed does). Random rather than strided, so that a stride that
-    shares a factor with a row length cannot sample a few columns only."""
-    return np.random.default_rng(0x5EED).integers(0, n, size=_SAMPLE)
+    shares a factor with a row length cannot sample a few columns only; sorted, so that the
+    gathers walk memory forward."""
+    return np.sort(np.random.default_rng(0x5EED).integers(0, n, size=_SAMPLE))
 
 
 _INF_KEY = 0x7F800000  # _order_keys' high part of +inf; -inf's is ~_INF_KEY
@@ -145,8 +170,10 @@ def _ordered(x: float) -> int:
     return bits ^ 0x7FFFFFFF if bits < 0 else bits
 
 
-def _select_sampled(flat, cand, k: int, largest: bool) -> torch.Tensor | None:
-    """:func:`_select_topk` on a large CPU layer: exactly the same entries, ~10x faster.
+def _select_sampled(flat, cand, k: int, largest: bool, magnitude: bool = False
+                    ) -> torch.Tensor | None:
+    """:func:`_select_topk` on a large CPU layer: exactly the same entries (as flat
+    indices), ~10x faster.
 
     A full partial top-k (or ``kthvalue``) of millions of scores costs tens of milliseconds on
     one CPU thread, and numpy's vectorised comparisons and introselect are several times faster
@@ -156,21 +183,28 @@ def _select_sampled(flat, cand, k: int, largest: bool) -> torch.Tensor | None:
     1. a fixed sample of the scores places a threshold ``t`` that, with a safety margin, is
        passed by somewhat more than ``k`` candidates;
     2. one vectorised pass keeps the candidates not strictly worse than ``t`` (``~(s < t)``
-       when ``largest``: NaNs pass, so they are ranked below with every other kept entry);
-    3. the kept entries (about ``k``, in increasing flat index) are ordered by
+       when ``largest``: NaNs pass, so they are ranked below with every other kept entry),
+       found by :func:`_flatnonzero`;
+    3. the kept entries (about ``k``, in increasing flat index) are ordered as by
        :func:`_order_keys` with their flat index order as the position, the tie rule of the
-       full selection, and the best ``k`` are taken.
+       full selection, and the best ``k`` are taken (:func:`_best_kept`).
 
     The result equals the full selection when the ``k``-th kept entry is not worse than ``t``
     (every entry left out is then strictly worse than it) and strictly better than the fill
     score of non-candidates (so none of them ranks among the first ``k``); otherwise, and
     whenever the sample cannot place ``t`` (``k`` near the candidate count, a NaN threshold),
-    this returns None and the caller runs the full selection."""
+    this returns None and the caller runs the full selection.
+
+    ``magnitude``: the scores are ``|flat|`` (``t ≥ 0``); step 2 compares ``flat`` with ``±t``
+    (``|x| < t`` is ``-t < x < t``; a NaN is on no side, as before) and only the kept entries'
+    absolute values are taken."""
     n = flat.numel()
     s = flat.detach().reshape(-1).numpy()
     c = cand.reshape(-1).numpy()
     pos = _sample_positions(n)
     v = s[pos][c[pos]]  # the sampled candidates' scores
+    if magnitude:
+        v = np.abs(v)
     # entries of the sample expected among the k chosen, plus a margin of ~4 standard deviations
     r = k * _SAMPLE / n
     r = int(r + 4.0 * math.sqrt(r) + 16)
@@ -178,34 +212,65 @@ def _select_sampled(flat, cand, k: int, largest: bool) -> torch.Tensor | None:
         return None
     if largest:
         t = np.partition(v, v.size - r)[v.size - r]
-        keep = np.less(s, t)
     else:
         t = np.partition(v, r - 1)[r - 1]
-        keep = np.greater(s, t)
     if np.isnan(t):
         return None
-    np.logical_not(keep, out=keep)
-    keep &= c
-    idx = np.flatnonzero(keep)
+    worse = np.less(s, t) if largest else np.greater(s, t)
+    if magnitude and largest:
+        worse &= np.greater(s, -t)
+    elif magnitude:
+        worse |= np.less(s, -t)
+    idx = _flatnonzero(np.greater(c, worse, out=worse))  # c > worse: a candidate, not worse
     if idx.size < k:
         return None
-    bits = (s.take(idx) + np.float32(0.0)).view(np.int32)  # + 0.0: -0.0 ties with 0.0
-    key = np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits).astype(np.int64) << 32
-    if largest:  # best = largest key; among equal scores the lower index
-        key += np.arange(idx.size - 1, -1, -1, dtype=np.int64)
-        best = np.argpartition(key, idx.size - k)[idx.size - k:]
-        kth = int(key[best].min()) >> 32
+    vals = s.take(idx)
+    best, kth = _best_kept(np.abs(vals) if magnitude else vals, k, largest)
+    if largest:
         ok = kth >= _ordered(float(t)) and kth > ~_INF_KEY
     else:
-        key += np.arange(idx.size, dtype=np.int64)
-        best = np.argpartition(key, k - 1)[:k]
-        kth = int(key[best].max()) >> 32
         ok = kth <= _ordered(float(t)) and kth < _INF_KEY
     if not ok:
         return None
-    chosen = torch.zeros_like(cand)
-    chosen.view(-1).numpy()[idx[best]] = True
-    return chosen
+    return torch.from_numpy(idx[best])
+
+
+def _best_kept(vals: np.ndarray, k: int, largest: bool) -> tuple[np.ndarray, int]:
+    """Positions of the ``k`` best of ``vals`` (float32) under the order of
+    :func:`_order_keys`, ties to the lower position, and the high key part of the ``k``-th.
+
+    Without NaNs that order is the float order (-0.0 equal to 0.0): one ``partition`` places
+    the ``k``-th value, every value strictly better is taken and the first of those equal to
+    it fill up to ``k``. With NaNs (ordered by their bits) the int64 keys are partitioned."""
+    n = vals.size
+    if not np.isnan(vals).any():
+        kth = np.partition(vals, n - k if largest else k - 1)[n - k if largest else k - 1]
+        better = np.flatnonzero(vals > kth if largest else vals < kth)
+        ties = np.flatnonzero(vals == kth)[: k - better.size]
+        return np.concatenate([better, ties]), _ordered(float(kth))
+    bits = (vals + np.float32(0.0)).view(np.int32)  # + 0.0: -0.0 ties with 0.0
+    key = np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits).astype(np.int64) << 32
+    if largest:  # best = largest key; among equal scores the lower position
+        key += np.arange(n - 1, -1, -1, dtype=np.int64)
+        best = np.argpartition(key, n - k)[n - k:]
+        return best, int(key[best].min()) >> 32
+    key += np.arange(n, dtype=np.int64)
+    best = np.argpartition(key, k - 1)[:k]
+    return best, int(key[best].max()) >> 32
+
+
+def _flatnonzero(b: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero`` of a contiguous bool array with few True entries, about four times
+    faster: the nonzero 8-byte words first, then the entries within those words (increasing,
+    as ``np.flatnonzero``)."""
+    n8 = b.size - b.size % 8
+    u = b[:n8].view(np.uint64)
+    words = np.flatnonzero(u != 0)  # (nonzero of a bool array is faster than of uint64)
+    if 2 * words.size > u.size:  # dense: nothing to gain
+        return np.flatnonzero(b)
+    within = np.flatnonzero(u.take(words).view(np.bool_))
+    out = words[within >> 3] * 8 + (within & 7)
+    return np.concatenate([out, np.flatnonzero(b[n8:]) + n8])
 
 
 def _select(flat, cand, k, largest, fill):
@@ -220,8 +285,20 @@ def counts(masks: Sequence[torch.Tensor]) -> torch.Tensor:
     """Active entries per mask, one long device tensor."""
     if not masks:
         return torch.zeros(0, dtype=torch.long)
-    # count_nonzero: about twice as fast as a bool sum on the CPU (which widens every entry)
-    return torch.stack([torch.count_nonzero(m) for m in masks])
+    # count_nonzero: about twice as fast as a bool sum on the CPU (which widens every entry);
+    # numpy's, on a zero-copy view of a large CPU mask, about five times faster again
+    return torch.stack([
+        torch.tensor(np.count_nonzero(m.numpy()))
+        if m.device.type == "cpu" and m.numel() >= SAMPLED_MIN_NUMEL else torch.count_nonzero(m)
+        for m in masks])
+
+
+def _count_at(mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Active entries of ``mask`` at the flat indices ``idx`` (0-d long device tensor); on a
+    large CPU mask through numpy views, a few times faster than torch's gather."""
+    if mask.device.type == "cpu" and mask.numel() >= SAMPLED_MIN_NUMEL and mask.is_contiguous():
+        return torch.tensor(np.count_nonzero(mask.numpy().reshape(-1)[idx.numpy()]))
+    return torch.count_nonzero(mask.reshape(-1)[idx])
 
 
 def cosine_fraction(alpha: float, step: int, end_step: int) -> float:
@@ -308,6 +385,10 @@ class DropGrow:
         if self.host_counts and torch.is_tensor(k_drop):
             both = torch.stack([k_drop, k_drop if k_grow is None else k_grow]).tolist()
             k_drop, k_grow = both[0], both[1]
+        if not torch.is_tensor(k_drop):
+            changes = self.drop_grow_indices(state, names, masks, k_drop,
+                                             k_drop if k_grow is None else k_grow)
+            return [_edited(m, d, g) for m, (d, g) in zip(masks, changes, strict=True)]
         dropped = select_per_segment(self.drop_scores(state, names), masks, k_drop, largest=False)
         after = [m & ~d for m, d in zip(masks, dropped, strict=True)]
         if self.cfg.regrow_dropped:
@@ -318,9 +399,52 @@ class DropGrow:
         grown = select_per_segment(self.grow_scores(state, names), cand, k_grow, largest=True)
         return [a | g for a, g in zip(after, grown, strict=True)]
 
+    def drop_grow_indices(
+        self,
+        state,
+        names: list[str],
+        masks: list[torch.Tensor],
+        k_drop: Sequence[int],
+        k_grow: Sequence[int],
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`drop_grow` with host counts, answered as flat indices per layer: ``(dropped,
+        grown)``, long tensors (in no particular order). The new mask is ``masks[i]`` with
+        ``dropped`` cleared, then ``grown`` set (an entry in both was re-grown: it stays)."""
+        if type(self).drop_scores is DropGrow.drop_scores:  # |w|, without building it
+            weights = [state.masks.params[n].detach() for n in names]
+            dropped = select_indices(weights, masks, k_drop, largest=False, magnitude=True)
+        else:
+            dropped = select_indices(self.drop_scores(state, names), masks, k_drop,
+                                     largest=False)
+        cand = [(~m).contiguous() for m in masks]
+        if self.cfg.regrow_dropped:  # inactive after the drop
+            for c, d in zip(cand, dropped, strict=True):
+                c.view(-1).index_fill_(0, d, True)
+        grown = select_indices(self.grow_scores(state, names), cand, k_grow, largest=True)
+        return list(zip(dropped, grown, strict=True))
+
     def new_masks(self, state, names: list[str], masks: list[torch.Tensor]) -> list[torch.Tensor]:
         """The masks after this update (the whole algorithm of a simple method)."""
         return self.drop_grow(state, names, masks, self.drop_counts(state, counts(masks)))
+
+    def update_by_index(self, state, names: list[str], old: list[torch.Tensor]):
+        """The update of a method that changes only scores and counts (:meth:`new_masks` not
+        overridden, :attr:`host_counts`): :meth:`new_masks` and :meth:`commit` on the changed
+        entries only. The masks are edited at the chosen indices
+        (:meth:`~sparsefw.masks.MaskSet.update_at`) and the counts follow from the indices,
+        instead of building, comparing and converting whole masks; the masks, metrics and
+        answer are the same."""
+        active = counts(old)
+        k = self.drop_counts(state, active).tolist()  # the update's one host sync
+        changes = self.drop_grow_indices(state, names, old, k, k)
+        # a grown entry active before the update was dropped and re-grown: its mask is kept
+        regrown = torch.stack([_count_at(m, g) for m, (_, g) in zip(old, changes, strict=True)])
+        chosen = torch.tensor([[d.numel(), g.numel()] for d, g in changes],
+                              dtype=torch.long).to(active.device)
+        for n, (d, g) in zip(names, changes, strict=True):
+            state.masks.update_at(n, d, g)
+        self.explore(names, old, [state.masks.masks[n] for n in names])
+        return self.report(state, names, chosen[:, 0] - regrown, chosen[:, 1] - regrown)
 
     def commit(self, state, names: list[str], old: list[torch.Tensor], new: list[torch.Tensor]):
         """Write ``new`` masks, log the per-layer changes and the exploration rate, and build the
@@ -330,6 +454,11 @@ class DropGrow:
         for n, m in zip(names, new, strict=True):
             state.masks.update(n, m)
         self.explore(names, old, new)
+        return self.report(state, names, dropped, grown)
+
+    def report(self, state, names: list[str], dropped: torch.Tensor, grown: torch.Tensor):
+        """Log the per-layer net changes (long device tensors, one count per layer) and the
+        exploration rate, and build the :class:`TopologyChange` answer."""
         metrics = state.metrics
         for i, n in enumerate(names):  # summed over the updates of one logging window
             for key, value in ((f"topology/dropped/{n}", dropped[i]),
@@ -363,6 +492,8 @@ class DropGrow:
             return None
         old = [state.masks.masks[n] for n in names]
         with torch.no_grad():
+            if self.host_counts and type(self).new_masks is DropGrow.new_masks:
+                return self.update_by_index(state, names, old)
             new = self.new_masks(state, names, old)
             return self.commit(state, names, old, new)
 
@@ -383,6 +514,15 @@ class DropGrow:
         self.explored = {n: e.to(state.masks.params[n].device).clone()
                          for n, e in plugin_state.get("explored", {}).items()}
         self.load_extra_state(plugin_state)
+
+
+def _edited(mask: torch.Tensor, dropped: torch.Tensor, grown: torch.Tensor) -> torch.Tensor:
+    """A copy of ``mask`` with the flat indices ``dropped`` cleared, then ``grown`` set."""
+    out = mask.clone(memory_format=torch.contiguous_format)
+    flat = out.view(-1)
+    flat[dropped] = False
+    flat[grown] = True
+    return out
 
 
 def reallocate(freed: int, surviving: list[float], room: list[int]) -> list[int]:
@@ -439,5 +579,5 @@ def random_scores(state, names: list[str]) -> list[torch.Tensor]:
 
 __all__ = [
     "DECAYS", "DropGrow", "DropGrowConfig", "cosine_fraction", "counts", "grad_abs",
-    "random_scores", "reallocate", "select_per_segment",
+    "random_scores", "reallocate", "select_indices", "select_per_segment",
 ]

@@ -325,3 +325,15 @@ def test_unknown_option_is_reported(make_config):
     with pytest.raises(config_mod.ConfigError, match="grow"):
         make_config(topology_update={"name": "itop", "grow": "momentum"})
     assert math.isfinite(cosine_fraction(0.3, 1, 0))
+
+
+def test_maskset_update_at_edits_the_mask_and_its_float_copy():
+    p = torch.nn.Parameter(torch.zeros(2, 3))
+    ms = MaskSet({"w": p})
+    ms.update("w", torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool))
+    before = ms.masks["w"]
+    # drop 0 and 3, grow 2 and 3: 3 is re-grown (stays active), 0 goes, 2 comes
+    ms.update_at("w", torch.tensor([0, 3]), torch.tensor([2, 3]))
+    assert ms.masks["w"].tolist() == [[False, True, True], [True, False, False]]
+    assert ms.float_mask("w").tolist() == [[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]]
+    assert before.tolist() == [[True, True, False], [True, False, False]]  # a copy was edited

@@ -307,3 +307,49 @@ def test_scaled_mest_ratio_keeps_the_share_of_all_weights(ratio, written_for, de
     assert 0 <= r <= 1
     if r < 1:  # the share of all weights mutated is the reference's
         assert r * density == pytest.approx(ratio * written_for)
+
+
+def _reference_twin(comp):
+    """The same component taking the mask path with device counts: one stable sort per layer
+    (the selection written out), whole masks built, compared and converted by ``commit``."""
+    twin = type(f"Reference{type(comp).__name__}", (type(comp),), {"host_counts": False})
+    return twin(comp.cfg)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+@given(
+    layer_shapes=shapes, density=st.floats(0.05, 1.0), seed=st.integers(0, 2**16),
+    alpha=st.floats(0.0, 1.0), method=st.sampled_from(("set", "rigl", "mest", "itop")),
+    regrow=st.booleans(), updates=st.integers(1, 3),
+)
+def test_index_update_equals_the_whole_mask_update(sampled, layer_shapes, density, seed, alpha,
+                                                   method, regrow, updates):
+    """The index path (``update_by_index``: indices chosen, masks edited in place at them,
+    counts from the indices) leaves exactly the masks, float masks, reported changes, metrics
+    and ever-active masks of the whole-mask path with stable sorts, over a few updates;
+    ``sampled``: every layer through the sampled pre-filter of large CPU layers."""
+    from sparsefw import topology
+
+    fast = emulated_state(layer_shapes, density, seed, alpha, 0.5)
+    slow = emulated_state(layer_shapes, density, seed, alpha, 0.5)
+    comp = build(method, regrow)
+    ref = _reference_twin(comp)
+    with pytest.MonkeyPatch.context() as mp:
+        if sampled:
+            mp.setattr(topology, "SAMPLED_MIN_NUMEL", 0)
+        for _ in range(updates):
+            got = comp.sparsefw_topology_update(state=fast)
+            want = ref.sparsefw_topology_update(state=slow)
+            for n in fast.masks.names:
+                assert torch.equal(fast.masks.masks[n], slow.masks.masks[n])
+                assert torch.equal(fast.masks.float_mask(n), slow.masks.masks[n].float())
+                assert torch.equal(got.dropped[n], want.dropped[n])
+                assert torch.equal(got.grown[n], want.grown[n])
+                assert torch.equal(comp.explored[n], ref.explored[n])
+            assert fast.metrics.keys() == slow.metrics.keys()
+            for key, value in fast.metrics.items():
+                assert torch.equal(value, slow.metrics[key]), key
+            for st_ in (fast, slow):  # the weights move between updates, as in training
+                st_.masks.apply_()
+                for p in st_.masks.params.values():
+                    p.grad.copy_(p.grad.roll(1) * 0.5)

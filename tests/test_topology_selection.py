@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sparsefw import topology
-from sparsefw.topology import select_per_segment
+from sparsefw.topology import select_indices, select_per_segment
 
 NAN = float("nan")
 INF = float("inf")
@@ -41,6 +42,14 @@ def reference(scores: torch.Tensor, cand: torch.Tensor, k: int, largest: bool) -
     for i in order[:k]:
         chosen[i] = bool(cand[i])
     return chosen
+
+
+def as_mask(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Chosen flat indices as a bool mask of ``n`` entries; each index chosen once."""
+    assert idx.dtype == torch.long and idx.unique().numel() == idx.numel()
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[idx] = True
+    return mask
 
 
 def draw(n: int, palette: list[float], density: float, seed: int):
@@ -71,6 +80,8 @@ def test_host_count_selection_equals_the_stable_sort(n, palette, density, seed, 
         mp.setattr(topology, "SAMPLED_MIN_NUMEL", 0)
         out = select_per_segment([scores], [cand], [k], largest=largest)[0]
     assert torch.equal(out, expect)
+    assert torch.equal(as_mask(select_indices([scores], [cand], [k], largest=largest)[0], n),
+                       expect)
 
 
 @given(**case)
@@ -80,7 +91,7 @@ def test_sampled_selection_is_exact_or_declines(n, palette, density, seed, large
     k = data.draw(st.integers(1, n))
     out = topology._select_sampled(scores, cand, k, largest)
     if out is not None:
-        assert torch.equal(out, reference(scores, cand, k, largest))
+        assert torch.equal(as_mask(out, n), reference(scores, cand, k, largest))
 
 
 @pytest.mark.parametrize("largest", [True, False])
@@ -102,6 +113,46 @@ def test_large_layer_takes_the_sampled_path_and_matches(largest, palette):
         assert out is None
     else:
         assert out is not None
-        assert torch.equal(out, expect)
+        assert torch.equal(as_mask(out, n), expect)
     shaped = select_per_segment([scores.view(8, -1)], [cand.view(8, -1)], [k], largest=largest)
     assert torch.equal(shaped[0], expect.view(8, -1))
+
+
+@given(n=st.integers(0, 200), density=st.sampled_from([0.0, 0.02, 0.3, 0.9, 1.0]),
+       seed=st.integers(0, 2**16))
+def test_flatnonzero_by_words_equals_numpy(n, density, seed):
+    """``_flatnonzero`` (8-byte words first) lists the same positions as ``np.flatnonzero``,
+    in the same (increasing) order, for any length (a tail of fewer than 8 entries) and
+    density (the dense fallback)."""
+    b = np.random.default_rng(seed).random(n) < density
+    assert np.array_equal(topology._flatnonzero(b), np.flatnonzero(b))
+
+
+@given(n=st.integers(1, 400), palette=case["palette"], seed=st.integers(0, 2**16),
+       largest=st.booleans(), data=st.data())
+def test_best_kept_follows_the_key_order(n, palette, seed, largest, data):
+    """``_best_kept`` (a float partition without NaNs, int64 keys with them) takes the ``k``
+    entries the stable sort takes, and reports the ``k``-th entry's key."""
+    scores, _ = draw(n, palette, 1.0, seed)
+    k = data.draw(st.integers(1, n))
+    best, kth = topology._best_kept(scores.numpy(), k, largest)
+    expect = reference(scores, torch.ones(n, dtype=torch.bool), k, largest)
+    assert torch.equal(as_mask(torch.from_numpy(best).long(), n), expect)
+    worst = scores[expect]
+    keys = [_order((torch.tensor([v]) + 0.0).view(torch.int32).item()) for v in worst.tolist()]
+    assert kth == (min(keys) if largest else max(keys))
+
+
+@given(**case)
+def test_magnitude_selection_equals_the_stable_sort_of_absolute_values(n, palette, density, seed,
+                                                                       largest, data):
+    """``magnitude=True`` (scores ``|x|``; large CPU layers compare ``x`` with ``±t``) picks the
+    entries the stable sort of ``x.abs()`` picks, on both paths."""
+    scores, cand = draw(n, palette, density, seed)
+    k = data.draw(st.integers(0, n + 3))
+    expect = reference(scores.abs(), cand, k, largest)
+    for threshold in (topology.SAMPLED_MIN_NUMEL, 0):  # 0: every layer through the pre-filter
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(topology, "SAMPLED_MIN_NUMEL", threshold)
+            out = select_indices([scores], [cand], [k], largest=largest, magnitude=True)[0]
+        assert torch.equal(as_mask(out, n), expect)
