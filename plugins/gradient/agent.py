@@ -20,7 +20,13 @@ forward masking) and buffers, evaluated with :func:`torch.func.functional_call` 
 in train mode (its BatchNorm statistics are the snapshot's own). The coefficient is updated only
 once a real snapshot exists (from the second statistics pass); the first epoch uses ``τ₀``. See
 ``docs/methods/agent.md`` for the cost, the cheaper variants (``mean_grad =
-"previous_epoch"``, ``refresh_every > 1``) and the choices made between readings.
+"previous_epoch"``, ``refresh_every > 1``, ``correct_every > 1``) and the choices made between
+readings.
+
+``correct_every = k`` (a variant, not the paper's method) corrects only the steps whose global
+index is a multiple of k, with the unchanged formula; the other steps keep the plain gradient g
+and take no snapshot pass. It is not rescaled: the control variate needs g_old on the step's own
+batch, so a step either carries the whole estimator or none of it (no stale g_old).
 """
 
 from __future__ import annotations
@@ -42,8 +48,9 @@ __all__ = ["Agent", "AgentConfig", "regression_coefficient", "update_tau"]
 @attrs.frozen
 class AgentConfig:
     """Options of ``agent``: scale ``gamma``, EMA rate ``alpha``, initial ``tau_init``,
-    clipping of τ to [0, 1], snapshot refresh period, how the mean gradient is obtained, and
-    whether the statistics pass uses adversarial inputs when the run trains with ``pgd``."""
+    clipping of τ to [0, 1], snapshot refresh period, how the mean gradient is obtained,
+    whether the statistics pass uses adversarial inputs when the run trains with ``pgd``, and
+    ``correct_every`` (variant: correct only every k-th step, the others keep g)."""
 
     gamma: float = attrs.field(default=0.1, validator=in_range(0, lo_open=False))
     alpha: float = attrs.field(default=0.3, validator=in_range(0, 1))
@@ -54,6 +61,7 @@ class AgentConfig:
         default="stats_pass", validator=one_of("stats_pass", "previous_epoch")
     )
     stats_inputs: str = attrs.field(default="auto", validator=one_of("auto", "clean"))
+    correct_every: int = attrs.field(default=1, validator=in_range(0))
 
 
 def regression_coefficient(cur: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -228,6 +236,11 @@ class Agent:
         self.tau = update_tau(self.tau, self.coef_raw, self.cfg.alpha, self.cfg.clip)
 
     # ------------------------------------------------------------------ steps
+    def _correcting(self, state) -> bool:
+        """Whether this step carries the correction (and its snapshot pass): every step, or
+        with ``correct_every = k`` the steps whose global index is a multiple of k."""
+        return state.step % self.cfg.correct_every == 0
+
     @hookimpl
     def sparsefw_gradient_correct(self, state):
         if self.snapshot is None:
@@ -244,6 +257,8 @@ class Agent:
                 self.grad_sum = {n: torch.zeros_like(p) for n, p in params.items()}
             torch._foreach_add_([self.grad_sum[n] for n in with_grad], grads)
             self.grad_count += 1
+        if not self._correcting(state):  # correct_every variant: g unchanged, no snapshot pass
+            return
         if self.mean is None:  # previous_epoch variant, first epoch: nothing to correct with
             if variant and self.adaptive and state.loss is not None:
                 old, _ = self._snapshot_loss(state, x, y, grad=False)
