@@ -127,11 +127,15 @@ class Agent:
 
     def _take_snapshot(self, state) -> None:
         effective = state.masks.effective() if state.masks.kind == "forward" else {}
+        src = {n: (effective[n] if n in effective else p).detach()
+               for n, p in self._params(state).items()}
+        src.update({n: b.detach() for n, b in state.model.named_buffers()})
         with torch.no_grad():
-            snap = {n: (effective[n] if n in effective else p).detach().clone()
-                    for n, p in self._params(state).items()}
-            snap.update({n: b.detach().clone() for n, b in state.model.named_buffers()})
-        self.snapshot = snap
+            if self.snapshot is not None and self.snapshot.keys() == src.keys():
+                # into the previous snapshot's buffers: no allocation per refresh
+                torch._foreach_copy_(list(self.snapshot.values()), list(src.values()))
+            else:
+                self.snapshot = {n: t.clone() for n, t in src.items()}
 
     def _snapshot_loss(self, state, x, y, *, grad: bool):
         """The snapshot's loss on ``(x, y)``; with ``grad`` also its parameter gradient."""
@@ -221,12 +225,17 @@ class Agent:
     def _refresh_from_training_pass(self, state) -> None:
         """Variant: g̃ is the mean of the raw gradients of the training pass since the last
         refresh, and the coefficient comes from that pass's (current, snapshot) loss pairs."""
+        spare = None
         if self.grad_count:
-            self.mean = {n: t / self.grad_count for n, t in self.grad_sum.items()}
+            # the running sum becomes g̃ in place; the old g̃'s tensors hold the next sum
+            spare, self.mean = self.mean, self.grad_sum
+            torch._foreach_div_(list(self.mean.values()), self.grad_count)
+            if spare is not None:
+                torch._foreach_zero_(list(spare.values()))
         if self.adaptive and len(self.loss_pairs) >= 2:
             pairs = torch.stack(self.loss_pairs)
             self._update_coefficient(pairs[:, 0], pairs[:, 1])
-        self.grad_sum, self.grad_count, self.loss_pairs = None, 0, []
+        self.grad_sum, self.grad_count, self.loss_pairs = spare, 0, []
         self._take_snapshot(state)
 
     def _update_coefficient(self, cur: torch.Tensor, old: torch.Tensor) -> None:
@@ -268,8 +277,10 @@ class Agent:
         if variant and self.adaptive and state.loss is not None:
             cur_loss = _rank_mean(state, [state.loss.detach().clone()])[0]
             self.loss_pairs.append(torch.stack([cur_loss.double(), old_loss.double()]))
-        corr = torch._foreach_sub([self.mean[n] for n in with_grad], [g_old[n] for n in with_grad])
-        c = self.tau * self.cfg.gamma
+        # τγ(g̃ − g_old), in g_old's own tensors: g_old − g̃, times −τγ
+        corr = [g_old[n] for n in with_grad]
+        torch._foreach_sub_(corr, [self.mean[n] for n in with_grad])
+        c = -self.tau * self.cfg.gamma
         torch._foreach_mul_(corr, c.to(grads[0].dtype))
         if state.config.train.amp == "fp16":
             corr = _zero_if_nonfinite(corr)
