@@ -220,15 +220,26 @@ def test_correct_every_previous_epoch(catalogue, make_config, tmp_path):
     for n, t in total.items():
         assert torch.allclose(agent.mean[n], t / nb, atol=1e-6), n
     before = dict(st_.passes)
+    total = {n: torch.zeros_like(p) for n, p in tr.model.named_parameters()}
     for x, y in st_.train_batches():
+        tr.optimizer.zero_grad(set_to_none=True)
+        tr.forward_backward(x, y)
+        for n, p in tr.model.named_parameters():
+            total[n] += p.grad
+        tr.optimizer.zero_grad(set_to_none=True)
         tr.step(x, y)
     corrected = len([s for s in range(nb, 2 * nb) if s % 2 == 0])
-    assert st_.passes["forward"] - before["forward"] == nb + corrected
-    assert st_.passes["backward"] - before["backward"] == nb + corrected
+    assert st_.passes["forward"] - before["forward"] == 2 * nb + corrected
+    assert st_.passes["backward"] - before["backward"] == 2 * nb + corrected
     assert len(agent.loss_pairs) == corrected
+    # the second refresh: g̃ is epoch 1's mean alone (the buffers reused for the sum restart)
+    st_.epoch = 2
+    agent.sparsefw_epoch_start(state=st_)
+    for n, t in total.items():
+        assert torch.allclose(agent.mean[n], t / nb, atol=1e-6), n
 
 
-@pytest.mark.parametrize("bad", [0, -1])
+@pytest.mark.parametrize("bad", [0, -1, 2.5])
 def test_correct_every_must_be_positive(make_config, bad):
     with pytest.raises(ValueError, match="correct_every"):
         make_config(gradient_correct=[{"name": "agent", "correct_every": bad}])

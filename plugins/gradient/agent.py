@@ -227,11 +227,10 @@ class Agent:
         refresh, and the coefficient comes from that pass's (current, snapshot) loss pairs."""
         spare = None
         if self.grad_count:
-            # the running sum becomes g̃ in place; the old g̃'s tensors hold the next sum
+            # the running sum becomes g̃ in place; the old g̃'s tensors hold the next sum (the
+            # first step after the refresh overwrites them: grad_count = 0)
             spare, self.mean = self.mean, self.grad_sum
             torch._foreach_div_(list(self.mean.values()), self.grad_count)
-            if spare is not None:
-                torch._foreach_zero_(list(spare.values()))
         if self.adaptive and len(self.loss_pairs) >= 2:
             pairs = torch.stack(self.loss_pairs)
             self._update_coefficient(pairs[:, 0], pairs[:, 1])
@@ -264,7 +263,14 @@ class Agent:
         if variant:
             if self.grad_sum is None:
                 self.grad_sum = {n: torch.zeros_like(p) for n, p in params.items()}
-            torch._foreach_add_([self.grad_sum[n] for n in with_grad], grads)
+            sums = [self.grad_sum[n] for n in with_grad]
+            if self.grad_count == 0:  # first step since the refresh: the sum starts here
+                skipped = set(self.grad_sum) - set(with_grad)
+                if skipped:
+                    torch._foreach_zero_([self.grad_sum[n] for n in skipped])
+                torch._foreach_copy_(sums, grads)
+            else:
+                torch._foreach_add_(sums, grads)
             self.grad_count += 1
         if not self._correcting(state):  # correct_every variant: g unchanged, no snapshot pass
             return
