@@ -191,52 +191,42 @@ def test_correct_every_pass_counts(catalogue, make_config, tmp_path, k):
 
 
 def test_correct_every_previous_epoch(catalogue, make_config, tmp_path):
-    """previous_epoch with correct_every = 2: g̃ averages every step's raw gradient; the loss
+    """previous_epoch with correct_every = 2: g̃ averages every step's raw gradient (each
+    refresh the mean of that epoch alone, though the sum reuses the old g̃'s buffers); the loss
     pairs of the coefficient come from the corrected steps only (forward-only in the first
     epoch, when there is no g̃ yet: one extra forward, no backward)."""
     tr, agent = tiny_trainer(catalogue, make_config, tmp_path,
                              gradient_correct=[{"name": "agent", "correct_every": 2,
                                                 "mean_grad": "previous_epoch"}])
     st_ = tr.state
-    agent.sparsefw_epoch_start(state=st_)
     nb = len(tr.train_source)
-    before = dict(st_.passes)
-    total = {n: torch.zeros_like(p) for n, p in tr.model.named_parameters()}
-    for x, y in st_.train_batches():
-        tr.optimizer.zero_grad(set_to_none=True)
-        tr.forward_backward(x, y)  # the raw gradient of this step, by itself
-        for n, p in tr.model.named_parameters():
-            total[n] += p.grad
-        tr.optimizer.zero_grad(set_to_none=True)
-        tr.step(x, y)
-    # nb plain steps + nb forward_backward calls above, and ⌈nb/2⌉ snapshot forwards
-    assert st_.passes["forward"] - before["forward"] == 2 * nb + -(-nb // 2)
-    assert st_.passes["backward"] - before["backward"] == 2 * nb
-    assert agent.grad_count == nb and len(agent.loss_pairs) == -(-nb // 2)
-    for n, t in total.items():
-        assert torch.allclose(agent.grad_sum[n], t, atol=1e-5), n
-    st_.epoch = 1
+
+    def epoch():
+        """One epoch of steps; the sum of their raw gradients, computed beside them."""
+        total = {n: torch.zeros_like(p) for n, p in tr.model.named_parameters()}
+        for x, y in st_.train_batches():
+            tr.optimizer.zero_grad(set_to_none=True)
+            tr.forward_backward(x, y)  # the raw gradient of this step, by itself
+            for n, p in tr.model.named_parameters():
+                total[n] += p.grad
+            tr.optimizer.zero_grad(set_to_none=True)
+            tr.step(x, y)
+        return total
+
     agent.sparsefw_epoch_start(state=st_)
-    for n, t in total.items():
-        assert torch.allclose(agent.mean[n], t / nb, atol=1e-6), n
-    before = dict(st_.passes)
-    total = {n: torch.zeros_like(p) for n, p in tr.model.named_parameters()}
-    for x, y in st_.train_batches():
-        tr.optimizer.zero_grad(set_to_none=True)
-        tr.forward_backward(x, y)
-        for n, p in tr.model.named_parameters():
-            total[n] += p.grad
-        tr.optimizer.zero_grad(set_to_none=True)
-        tr.step(x, y)
-    corrected = len([s for s in range(nb, 2 * nb) if s % 2 == 0])
-    assert st_.passes["forward"] - before["forward"] == 2 * nb + corrected
-    assert st_.passes["backward"] - before["backward"] == 2 * nb + corrected
-    assert len(agent.loss_pairs) == corrected
-    # the second refresh: g̃ is epoch 1's mean alone (the buffers reused for the sum restart)
-    st_.epoch = 2
-    agent.sparsefw_epoch_start(state=st_)
-    for n, t in total.items():
-        assert torch.allclose(agent.mean[n], t / nb, atol=1e-6), n
+    for e in range(3):
+        before, first = dict(st_.passes), st_.step
+        total = epoch()
+        corrected = len([s for s in range(first, first + nb) if s % 2 == 0])
+        # nb steps + nb forward_backward calls above + the corrected steps' snapshot passes
+        # (forward only in epoch 0)
+        assert st_.passes["forward"] - before["forward"] == 2 * nb + corrected
+        assert st_.passes["backward"] - before["backward"] == 2 * nb + (corrected if e else 0)
+        assert agent.grad_count == nb and len(agent.loss_pairs) == corrected
+        st_.epoch = e + 1
+        agent.sparsefw_epoch_start(state=st_)
+        for n, t in total.items():
+            assert torch.allclose(agent.mean[n], t / nb, atol=1e-6), (e, n)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5])
