@@ -19,8 +19,8 @@ One run measures, on the same model, the same fixed batch and the same optimizer
   (f) ``s2sam``, (g) ``sam``, (h) ``agent``  on top of (c); AGENT also per epoch (its epoch hooks
                   run a statistics pass over the training data); (h') ``agent_prev`` its
                   ``mean_grad = "previous_epoch"`` variant (no statistics pass); (h'')
-                  ``agent_every2`` that variant with the correction on every second step
-                  (``correct_every = 2``; its timed blocks hold whole pairs of steps)
+                  ``agent_every3`` that variant with the correction on every third step
+                  (``correct_every = 3``; its timed blocks hold whole cycles of 3 steps)
 
 Components that are not registered are reported as "not available". sparsefw steps are timed
 through the real engine: a :class:`sparsefw.engine.Trainer` built from a config dict (synthetic
@@ -286,13 +286,13 @@ def variants(spec: ModelSpec, registry, names: set[str]) -> list[Variant]:
                                                     "mean_grad": "previous_epoch"}]),
                 requires=(("gradient_correct", "agent"),),
                 note="no statistics pass: the mean gradient of the previous epoch's steps"),
-        Variant("agent_every2", "(h'') AGENT, previous_epoch, correct_every = 2",
+        Variant("agent_every3", "(h'') AGENT, previous_epoch, correct_every = 3",
                 base="hard90",
                 sections=_hard90(gradient_correct=[{"name": "agent",
                                                     "mean_grad": "previous_epoch",
-                                                    "correct_every": 2}]),
-                requires=(("gradient_correct", "agent"),), period=2,
-                note="(h') with the correction and its snapshot pass on every second step"),
+                                                    "correct_every": 3}]),
+                requires=(("gradient_correct", "agent"),), period=3,
+                note="(h') with the correction and its snapshot pass on every third step"),
     ]
     return out
 
