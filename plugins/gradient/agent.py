@@ -305,7 +305,8 @@ class Agent:
             "coef_raw": None if self.coef_raw is None else self.coef_raw.clone(),
             "snapshot": clone(self.snapshot),
             "mean": clone(self.mean),
-            "grad_sum": clone(self.grad_sum),
+            # right after a refresh the sum's buffers hold an old g̃ that the next step overwrites
+            "grad_sum": clone(self.grad_sum) if self.grad_count else None,
             "grad_count": self.grad_count,
             "loss_pairs": [t.clone() for t in self.loss_pairs],
         }
