@@ -18,7 +18,9 @@ One run measures, on the same model, the same fixed batch and the same optimizer
                   over ΔT = 100 steps
   (f) ``s2sam``, (g) ``sam``, (h) ``agent``  on top of (c); AGENT also per epoch (its epoch hooks
                   run a statistics pass over the training data); (h') ``agent_prev`` its
-                  ``mean_grad = "previous_epoch"`` variant (no statistics pass)
+                  ``mean_grad = "previous_epoch"`` variant (no statistics pass); (h'')
+                  ``agent_every3`` that variant with the correction on every third step
+                  (``correct_every = 3``; its timed blocks hold whole cycles of 3 steps)
 
 Components that are not registered are reported as "not available". sparsefw steps are timed
 through the real engine: a :class:`sparsefw.engine.Trainer` built from a config dict (synthetic
@@ -198,6 +200,9 @@ class Variant:
     #: ``"trainer"``: the sections run in a Trainer; ``"loop"``: in the plain loop, through a
     #: :class:`sparsefw.Sparsifier` wrapping its optimizer
     front_door: str = "trainer"
+    #: steps of the variant's cycle (AGENT's ``correct_every``): each timed block holds a
+    #: multiple of it, so every block times the same mix of step kinds
+    period: int = 1
 
 
 def _hard90(**extra) -> dict:
@@ -281,6 +286,13 @@ def variants(spec: ModelSpec, registry, names: set[str]) -> list[Variant]:
                                                     "mean_grad": "previous_epoch"}]),
                 requires=(("gradient_correct", "agent"),),
                 note="no statistics pass: the mean gradient of the previous epoch's steps"),
+        Variant("agent_every3", "(h'') AGENT, previous_epoch, correct_every = 3",
+                base="hard90",
+                sections=_hard90(gradient_correct=[{"name": "agent",
+                                                    "mean_grad": "previous_epoch",
+                                                    "correct_every": 3}]),
+                requires=(("gradient_correct", "agent"),), period=3,
+                note="(h') with the correction and its snapshot pass on every third step"),
     ]
     return out
 
@@ -603,9 +615,12 @@ def measure_model(spec: ModelSpec, vlist: list[Variant], catalogue, device: torc
     # timed blocks: (result key, untimed warm-up, timed function, steps per block, repeats);
     # the untimed step re-warms caches after the previous variant's block
     blocks: list[tuple[str, Callable | None, Callable, int, int]] = []
+    periods = {v.key: v.period for v in vlist}
     for key, runner in runners.items():
         est = estimate.get(key.partition("@")[0], 0.0)
         k = max(1, min(sizes.steps, math.ceil(BLOCK_S / max(est, 1e-6))))
+        period = periods.get(key.partition("@")[0], 1)
+        k = period * math.ceil(k / period)
         warm = runner.step if est < REWARM_BELOW_S else None
         blocks.append((key, warm, runner.step, k, sizes.repeats))
         if key == "rigl":

@@ -21,7 +21,7 @@ common=(--seeds "$seeds" --jobs "$jobs" --set 'logging.observers=["jsonl"]')
 compare=(--compute flops)
 
 sparsefw sweep configs/{static,static_sparse_init,set,rigl,dsr,mest,itop,granet,snfs,magnitude,snip,grasp}.toml \
-    configs/{agent_rigl,agent_rigl_prev,rigl_s2sam,rigl_sam,snip_s2sam}.toml \
+    configs/{agent_rigl,agent_rigl_prev,agent_rigl_every3,rigl_s2sam,rigl_sam,snip_s2sam}.toml \
     --grid sparsity.density=0.1,0.02 "${common[@]}" --out "$out/unstructured"
 for base in static rigl snip; do
     sparsefw compare "$out/unstructured" --base "$base" "${compare[@]}" \

@@ -1,6 +1,7 @@
 """AGENT and SVRG (plugins/gradient/agent.py, svrg.py): the coefficient by hand, its EMA and
-clipping, the statistics pass, the corrected gradient against a direct computation, γ = 0 equals
-the plain optimizer, pass counts, resume."""
+clipping, the statistics pass, the corrected gradient against a direct computation, the
+``correct_every`` variant (plain g on skipped steps, the formula on the others, pass counts),
+γ = 0 equals the plain optimizer, pass counts, resume."""
 
 from __future__ import annotations
 
@@ -133,6 +134,107 @@ def test_corrected_gradient_direct(catalogue, make_config, tmp_path):
         assert torch.allclose(p.grad, d, atol=1e-6), n
 
 
+def test_correct_every_skips_or_applies_the_whole_estimator(catalogue, make_config, tmp_path):
+    """correct_every = 2: on odd steps the gradient is the plain g and no snapshot pass runs;
+    on even steps it is g + τγ(g̃ − g_old) with g_old on that step's batch (one extra forward
+    and backward)."""
+    tr, agent = tiny_trainer(catalogue, make_config, tmp_path,
+                             gradient_correct=[{"name": "agent", "gamma": 0.5,
+                                                "correct_every": 2}])
+    st_ = tr.state
+    agent.sparsefw_epoch_start(state=st_)
+    w_snap = copy.deepcopy(tr.model.state_dict())
+    batches = list(st_.train_batches())
+    for x, y in batches[:2]:
+        tr.step(x, y)
+    agent.tau = torch.tensor(0.7, dtype=torch.float64)
+    snap = model_at(tr.model, w_snap)
+    for step, (x, y) in zip((5, 6), batches[2:4], strict=True):
+        st_.step, st_.batch = step, (x, y)
+        tr.optimizer.zero_grad(set_to_none=True)
+        tr.forward_backward(x, y)
+        g = {n: p.grad.clone() for n, p in tr.model.named_parameters()}
+        before = dict(st_.passes)
+        agent.sparsefw_gradient_correct(state=st_)
+        extra = (st_.passes["forward"] - before["forward"],
+                 st_.passes["backward"] - before["backward"])
+        if step == 5:
+            assert extra == (0, 0)
+            for n, p in tr.model.named_parameters():
+                assert torch.equal(p.grad, g[n]), n
+            continue
+        assert extra == (1, 1)
+        snap.zero_grad()
+        torch.nn.functional.cross_entropy(snap(x), y).backward()
+        for n, p in tr.model.named_parameters():
+            g_old = dict(snap.named_parameters())[n].grad
+            d = g[n] + 0.7 * 0.5 * (agent.mean[n] - g_old)
+            assert torch.allclose(p.grad, d, atol=1e-6), n
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_correct_every_pass_counts(catalogue, make_config, tmp_path, k):
+    """Over one training epoch of nb steps (steps 0 … nb − 1), the snapshot's forward and
+    backward run on the ⌈nb / k⌉ steps whose index is a multiple of k."""
+    tr, agent = tiny_trainer(catalogue, make_config, tmp_path,
+                             gradient_correct=[{"name": "agent", "correct_every": k}])
+    st_ = tr.state
+    agent.sparsefw_epoch_start(state=st_)
+    nb = len(tr.train_source)
+    before = dict(st_.passes)
+    for i, (x, y) in enumerate(st_.train_batches()):
+        assert st_.step == i
+        tr.step(x, y)
+    corrected = -(-nb // k)
+    assert st_.passes["forward"] - before["forward"] == nb + corrected
+    assert st_.passes["backward"] - before["backward"] == nb + corrected
+
+
+def test_correct_every_previous_epoch(catalogue, make_config, tmp_path):
+    """previous_epoch with correct_every = 2: g̃ averages every step's raw gradient (each
+    refresh the mean of that epoch alone, though the sum reuses the old g̃'s buffers); the loss
+    pairs of the coefficient come from the corrected steps only (forward-only in the first
+    epoch, when there is no g̃ yet: one extra forward, no backward)."""
+    tr, agent = tiny_trainer(catalogue, make_config, tmp_path,
+                             gradient_correct=[{"name": "agent", "correct_every": 2,
+                                                "mean_grad": "previous_epoch"}])
+    st_ = tr.state
+    nb = len(tr.train_source)
+
+    def epoch():
+        """One epoch of steps; the sum of their raw gradients, computed beside them."""
+        total = {n: torch.zeros_like(p) for n, p in tr.model.named_parameters()}
+        for x, y in st_.train_batches():
+            tr.optimizer.zero_grad(set_to_none=True)
+            tr.forward_backward(x, y)  # the raw gradient of this step, by itself
+            for n, p in tr.model.named_parameters():
+                total[n] += p.grad
+            tr.optimizer.zero_grad(set_to_none=True)
+            tr.step(x, y)
+        return total
+
+    agent.sparsefw_epoch_start(state=st_)
+    for e in range(3):
+        before, first = dict(st_.passes), st_.step
+        total = epoch()
+        corrected = len([s for s in range(first, first + nb) if s % 2 == 0])
+        # nb steps + nb forward_backward calls above + the corrected steps' snapshot passes
+        # (forward only in epoch 0)
+        assert st_.passes["forward"] - before["forward"] == 2 * nb + corrected
+        assert st_.passes["backward"] - before["backward"] == 2 * nb + (corrected if e else 0)
+        assert agent.grad_count == nb and len(agent.loss_pairs) == corrected
+        st_.epoch = e + 1
+        agent.sparsefw_epoch_start(state=st_)
+        for n, t in total.items():
+            assert torch.allclose(agent.mean[n], t / nb, atol=1e-6), (e, n)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5])
+def test_correct_every_must_be_positive(make_config, bad):
+    with pytest.raises(ValueError, match="correct_every"):
+        make_config(gradient_correct=[{"name": "agent", "correct_every": bad}])
+
+
 def test_gamma_zero_is_the_plain_optimizer(catalogue, make_config, tmp_path):
     def final(path, **over):
         cfg, raw = make_config(logging={"observers": []}, **over)
@@ -177,6 +279,7 @@ def test_svrg_is_agent_with_c_one():
     {"name": "svrg"},
     {"name": "agent", "mean_grad": "previous_epoch"},
     {"name": "agent", "refresh_every": 2, "clip": False},
+    {"name": "agent", "mean_grad": "previous_epoch", "correct_every": 2},
 ])
 def test_variants_run_and_log(catalogue, make_config, tmp_path, over):
     cfg, raw = make_config(gradient_correct=[over], train={"epochs": 3})
@@ -191,11 +294,13 @@ def test_variants_run_and_log(catalogue, make_config, tmp_path, over):
             assert all(0.0 <= t <= 1.0 for t in taus)
 
 
-@pytest.mark.parametrize("kill_at,variant", [(5, "stats_pass"), (8, "stats_pass"),
-                                             (6, "previous_epoch")])
-def test_agent_resume_is_exact(catalogue, make_config, tmp_path, kill_at, variant):
+@pytest.mark.parametrize("kill_at,variant,every", [(5, "stats_pass", 1), (8, "stats_pass", 1),
+                                                   (6, "previous_epoch", 1),
+                                                   (5, "previous_epoch", 2)])
+def test_agent_resume_is_exact(catalogue, make_config, tmp_path, kill_at, variant, every):
     over = {"train": {"epochs": 3, "checkpoint_every": 1},
-            "gradient_correct": [{"name": "agent", "gamma": 0.5, "mean_grad": variant}]}
+            "gradient_correct": [{"name": "agent", "gamma": 0.5, "mean_grad": variant,
+                                  "correct_every": every}]}
     cfg, raw = make_config(**over)
     full, resumed = interrupted_and_resumed(cfg, raw, catalogue, tmp_path, kill_at)
     assert_same_run(full, resumed)

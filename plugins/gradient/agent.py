@@ -20,7 +20,13 @@ forward masking) and buffers, evaluated with :func:`torch.func.functional_call` 
 in train mode (its BatchNorm statistics are the snapshot's own). The coefficient is updated only
 once a real snapshot exists (from the second statistics pass); the first epoch uses ``τ₀``. See
 ``docs/methods/agent.md`` for the cost, the cheaper variants (``mean_grad =
-"previous_epoch"``, ``refresh_every > 1``) and the choices made between readings.
+"previous_epoch"``, ``refresh_every > 1``, ``correct_every > 1``) and the choices made between
+readings.
+
+``correct_every = k`` (a variant, not the paper's method) corrects only the steps whose global
+index is a multiple of k, with the unchanged formula; the other steps keep the plain gradient g
+and take no snapshot pass. It is not rescaled: the control variate needs g_old on the step's own
+batch, so a step either carries the whole estimator or none of it (no stale g_old).
 """
 
 from __future__ import annotations
@@ -42,8 +48,9 @@ __all__ = ["Agent", "AgentConfig", "regression_coefficient", "update_tau"]
 @attrs.frozen
 class AgentConfig:
     """Options of ``agent``: scale ``gamma``, EMA rate ``alpha``, initial ``tau_init``,
-    clipping of τ to [0, 1], snapshot refresh period, how the mean gradient is obtained, and
-    whether the statistics pass uses adversarial inputs when the run trains with ``pgd``."""
+    clipping of τ to [0, 1], snapshot refresh period, how the mean gradient is obtained,
+    whether the statistics pass uses adversarial inputs when the run trains with ``pgd``, and
+    ``correct_every`` (variant: correct only every k-th step, the others keep g)."""
 
     gamma: float = attrs.field(default=0.1, validator=in_range(0, lo_open=False))
     alpha: float = attrs.field(default=0.3, validator=in_range(0, 1))
@@ -54,6 +61,7 @@ class AgentConfig:
         default="stats_pass", validator=one_of("stats_pass", "previous_epoch")
     )
     stats_inputs: str = attrs.field(default="auto", validator=one_of("auto", "clean"))
+    correct_every: int = attrs.field(default=1, validator=in_range(0))
 
 
 def regression_coefficient(cur: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -119,11 +127,15 @@ class Agent:
 
     def _take_snapshot(self, state) -> None:
         effective = state.masks.effective() if state.masks.kind == "forward" else {}
+        src = {n: (effective[n] if n in effective else p).detach()
+               for n, p in self._params(state).items()}
+        src.update({n: b.detach() for n, b in state.model.named_buffers()})
         with torch.no_grad():
-            snap = {n: (effective[n] if n in effective else p).detach().clone()
-                    for n, p in self._params(state).items()}
-            snap.update({n: b.detach().clone() for n, b in state.model.named_buffers()})
-        self.snapshot = snap
+            if self.snapshot is not None and self.snapshot.keys() == src.keys():
+                # into the previous snapshot's buffers: no allocation per refresh
+                torch._foreach_copy_(list(self.snapshot.values()), list(src.values()))
+            else:
+                self.snapshot = {n: t.clone() for n, t in src.items()}
 
     def _snapshot_loss(self, state, x, y, *, grad: bool):
         """The snapshot's loss on ``(x, y)``; with ``grad`` also its parameter gradient."""
@@ -213,12 +225,16 @@ class Agent:
     def _refresh_from_training_pass(self, state) -> None:
         """Variant: g̃ is the mean of the raw gradients of the training pass since the last
         refresh, and the coefficient comes from that pass's (current, snapshot) loss pairs."""
+        spare = None
         if self.grad_count:
-            self.mean = {n: t / self.grad_count for n, t in self.grad_sum.items()}
+            # the running sum becomes g̃ in place; the old g̃'s tensors hold the next sum (the
+            # first step after the refresh overwrites them: grad_count = 0)
+            spare, self.mean = self.mean, self.grad_sum
+            torch._foreach_div_(list(self.mean.values()), self.grad_count)
         if self.adaptive and len(self.loss_pairs) >= 2:
             pairs = torch.stack(self.loss_pairs)
             self._update_coefficient(pairs[:, 0], pairs[:, 1])
-        self.grad_sum, self.grad_count, self.loss_pairs = None, 0, []
+        self.grad_sum, self.grad_count, self.loss_pairs = spare, 0, []
         self._take_snapshot(state)
 
     def _update_coefficient(self, cur: torch.Tensor, old: torch.Tensor) -> None:
@@ -228,6 +244,11 @@ class Agent:
         self.tau = update_tau(self.tau, self.coef_raw, self.cfg.alpha, self.cfg.clip)
 
     # ------------------------------------------------------------------ steps
+    def _correcting(self, state) -> bool:
+        """Whether this step carries the correction (and its snapshot pass): every step, or
+        with ``correct_every = k`` the steps whose global index is a multiple of k."""
+        return state.step % self.cfg.correct_every == 0
+
     @hookimpl
     def sparsefw_gradient_correct(self, state):
         if self.snapshot is None:
@@ -242,8 +263,17 @@ class Agent:
         if variant:
             if self.grad_sum is None:
                 self.grad_sum = {n: torch.zeros_like(p) for n, p in params.items()}
-            torch._foreach_add_([self.grad_sum[n] for n in with_grad], grads)
+            sums = [self.grad_sum[n] for n in with_grad]
+            if self.grad_count == 0:  # first step since the refresh: the sum starts here
+                skipped = set(self.grad_sum) - set(with_grad)
+                if skipped:
+                    torch._foreach_zero_([self.grad_sum[n] for n in skipped])
+                torch._foreach_copy_(sums, grads)
+            else:
+                torch._foreach_add_(sums, grads)
             self.grad_count += 1
+        if not self._correcting(state):  # correct_every variant: g unchanged, no snapshot pass
+            return
         if self.mean is None:  # previous_epoch variant, first epoch: nothing to correct with
             if variant and self.adaptive and state.loss is not None:
                 old, _ = self._snapshot_loss(state, x, y, grad=False)
@@ -253,8 +283,10 @@ class Agent:
         if variant and self.adaptive and state.loss is not None:
             cur_loss = _rank_mean(state, [state.loss.detach().clone()])[0]
             self.loss_pairs.append(torch.stack([cur_loss.double(), old_loss.double()]))
-        corr = torch._foreach_sub([self.mean[n] for n in with_grad], [g_old[n] for n in with_grad])
-        c = self.tau * self.cfg.gamma
+        # τγ(g̃ − g_old), in g_old's own tensors: g_old − g̃, times −τγ
+        corr = [g_old[n] for n in with_grad]
+        torch._foreach_sub_(corr, [self.mean[n] for n in with_grad])
+        c = -self.tau * self.cfg.gamma
         torch._foreach_mul_(corr, c.to(grads[0].dtype))
         if state.config.train.amp == "fp16":
             corr = _zero_if_nonfinite(corr)
@@ -273,7 +305,8 @@ class Agent:
             "coef_raw": None if self.coef_raw is None else self.coef_raw.clone(),
             "snapshot": clone(self.snapshot),
             "mean": clone(self.mean),
-            "grad_sum": clone(self.grad_sum),
+            # right after a refresh the sum's buffers hold an old g̃ that the next step overwrites
+            "grad_sum": clone(self.grad_sum) if self.grad_count else None,
             "grad_count": self.grad_count,
             "loss_pairs": [t.clone() for t in self.loss_pairs],
         }
