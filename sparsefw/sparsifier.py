@@ -72,6 +72,9 @@ class _Applied:
     names: list[str]
     params: list[torch.Tensor]
     originals: list[torch.Tensor]
+    #: FSDP2: ``w + e`` written into the parameters' own (local shard) storage, which FSDP
+    #: all-gathers from; ``originals`` are copies of ``w`` that are copied back
+    in_place: bool = False
 
 
 class SparsifierError(RuntimeError):
@@ -335,7 +338,9 @@ class Sparsifier:
             hook = self._on_forward
             if hasattr(self.forward_model, "_orig_mod") or hasattr(model, "_orig_mod"):
                 hook = torch.compiler.disable(hook)  # runs eagerly before the compiled graph
-            self._handles.append(self.model.register_forward_pre_hook(hook))
+            # FSDP2's own pre-hook all-gathers the root's parameters: perturb them before it
+            self._handles.append(self.model.register_forward_pre_hook(hook,
+                                                                      prepend=self.sharded))
         self.compute = self._sparse_compute(sp.compute)
         if check_plugins is None:
             check_plugins = cfg.debug.check_plugins or os.environ.get(
@@ -583,6 +588,10 @@ class Sparsifier:
         named = self.state.named_params
         params = [named[n] for n in names]
         bufs = [self._spare_buffer(n, named[n]) for n in names]
+        if self.sharded:  # FSDP2 all-gathers from the shard's own storage: perturb it in place
+            params = [sharding.local(p.detach()) for p in params]
+            torch._foreach_copy_(bufs, params)
+            bufs, saved = params, bufs
         if sum(len(p.params) for p in perts) == len(names):  # each name in one perturbation
             at = {n: i for i, n in enumerate(names)}
             for p in perts:
@@ -598,6 +607,8 @@ class Sparsifier:
                         delta = delta * p.scale
                     offsets[name] = offsets[name] + delta if name in offsets else delta
             offset_into(bufs, params, [offsets[n] for n in names])
+        if self.sharded:
+            return _Applied(names, [named[n] for n in names], saved, in_place=True)
         originals = [p.data for p in params]
         for p, b in zip(params, bufs, strict=True):
             p.data = b
@@ -606,6 +617,7 @@ class Sparsifier:
     def _spare_buffer(self, name: str, param: torch.Tensor) -> torch.Tensor:
         """A buffer like ``param`` (the perturbed storage of earlier steps, reused)."""
         buf = self._spare.pop(name, None)
+        param = sharding.local(param.detach())
         if (buf is None or buf.shape != param.shape or buf.dtype != param.dtype
                 or buf.device != param.device or buf.stride() != param.stride()):
             buf = torch.empty_like(param)
@@ -616,6 +628,11 @@ class Sparsifier:
         if applied is None:
             return
         with torch.no_grad():
+            if applied.in_place:
+                torch._foreach_copy_([sharding.local(p.detach()) for p in applied.params],
+                                     applied.originals)
+                self._spare.update(zip(applied.names, applied.originals, strict=True))
+                return
             for name, p, o in zip(applied.names, applied.params, applied.originals,
                                   strict=True):
                 self._spare[name] = p.data
@@ -632,6 +649,17 @@ class Sparsifier:
         pending = self._pending
         if pending is None:
             yield
+            return
+        if pending.in_place:  # FSDP2: swap the contents (the storage FSDP reads stays)
+            shards = [sharding.local(p.detach()) for p in pending.params]
+            with torch.no_grad():
+                perturbed = [s.clone() for s in shards]
+                torch._foreach_copy_(shards, pending.originals)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    torch._foreach_copy_(shards, perturbed)
             return
         with torch.no_grad():
             perturbed = [p.data for p in pending.params]
@@ -883,7 +911,7 @@ class Sparsifier:
             with torch.no_grad():
                 torch._foreach_copy_(originals, [t.to(p.device) for t, p in
                                                  zip(pending.values(), params, strict=True)])
-            self._pending = _Applied(names, params, originals)
+            self._pending = _Applied(names, params, originals, in_place=self.sharded)
 
     def remove_hooks(self) -> None:
         """Detach the forward hooks this Sparsifier put on the model (and the sparse-compute

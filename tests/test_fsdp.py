@@ -1,5 +1,8 @@
 """Sparse training under FSDP2 (``fully_shard``) with two gloo processes on loopback: masks
-follow the parameters' sharding, and topology decisions equal the single-process ones."""
+follow the parameters' sharding, and topology decisions equal the single-process ones.
+
+Every case runs in one spawn of two processes (:func:`fsdp_runs`, in order); each test then
+compares its case with a single-process run with the same global batch."""
 
 from __future__ import annotations
 
@@ -12,50 +15,106 @@ from .spawning import spawn
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available")
 
+STEPS = 7  # topology updates at steps 0, 2, 4 and 6
+METHODS = ("rigl", "set", "nm_srste", "rigl_s2sam")
+ARCHS = ("mlp", "gpt")
+CKPT_AT = 3
 
-def _spawn(target, out, *args, world=2):
-    spawn(target, out, str(out), *args, world=world)
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    """Run every case on 2 ranks; returns ``(out, load)`` where ``load(tag)`` gives both ranks'
+    results (failing with the rank's traceback when the case raised)."""
+    out = tmp_path_factory.mktemp("fsdp")
+    ckpt = str(out / "ckpt")
+    cases = [(f"{m}_{a}", {"method": m, "steps": STEPS, "arch": a})
+             for a in ARCHS for m in METHODS]
+    cases += [("full", {"method": "rigl", "steps": STEPS, "save": (ckpt, CKPT_AT)}),
+              ("resumed", {"method": "rigl", "steps": STEPS, "resume": (ckpt, CKPT_AT)}),
+              ("nm_split", {}), ("refusals", {})]
+    spawn(fsdp_worker.run_cases, out, str(out), cases, timeout=400)
+
+    def load(tag: str) -> list[dict]:
+        errors = sorted(out.glob(f"{tag}[01].err"))
+        assert not errors, errors[0].read_text()
+        return [torch.load(out / f"{tag}{r}.pt", weights_only=False) for r in range(2)]
+
+    return out, load
 
 
-@pytest.mark.parametrize("method", ["rigl", "set"])
-def test_fsdp_masks_equal_single_process(catalogue, tmp_path, method):
-    """RigL / SET on a fully_shard-ed MLP (uneven shards: 33 rows as 17 + 16): after 3
-    topology updates the whole masks equal one process's with the same global batch, the
-    weights agree within rtol 1e-4, and each rank held only its shard's mask."""
-    if method not in catalogue.registry.names("topology_update"):
-        pytest.skip(f"{method} not registered")
-    steps = 7  # updates at steps 0, 2, 4 and 6
-    _spawn(fsdp_worker.run_loop, tmp_path, method, steps)
-    a, b = (torch.load(tmp_path / f"fsdp{r}.pt", weights_only=False) for r in range(2))
-    ref = fsdp_worker.train_loop(method, steps, catalogue=catalogue)
-    assert a["updates"] == ref["updates"] >= 3
-    assert a["local_masks"]["0.weight"] == (17, 8) and b["local_masks"]["0.weight"] == (16, 8)
+def _needs(catalogue, method: str) -> None:
+    names = catalogue.registry.names
+    wanted = {"rigl": [("topology_update", "rigl")], "set": [("topology_update", "set")],
+              "nm_srste": [("topology_update", "nm"), ("gradient_correct", "srste")],
+              "rigl_s2sam": [("topology_update", "rigl"), ("perturb", "s2sam")]}[method]
+    missing = [n for section, n in wanted if n not in names(section)]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not registered")
+
+
+def _assert_equal_to(got: dict, ref: dict) -> None:
+    """Whole masks equal (initial and final), weights within rtol 1e-4, same densities."""
+    for n, m in ref["masks"].items():
+        assert torch.equal(got["first"][n], ref["first"][n]), n
+        assert torch.equal(got["masks"][n], m), n
+    for n, p in ref["model"].items():
+        torch.testing.assert_close(got["model"][n], p, rtol=1e-4, atol=1e-6)
+    assert got["densities"] == pytest.approx(ref["densities"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", METHODS)
+def test_fsdp_masks_equal_single_process(catalogue, fsdp_runs, method, arch):
+    """RigL, SET, 2:4 N:M + SR-STE (Zhou et al., arXiv 2102.04010) and RigL + S²-SAM (Ji et
+    al., NeurIPS 2024) on a fully_shard-ed MLP and small GPT: after 4 topology updates the
+    whole masks equal one process's with the same global batch, the weights agree within
+    rtol 1e-4, and each rank held only its shard's masks (uneven shards: 33 rows as 17 + 16,
+    5 as 3 + 2, the GPT's 13-token head as 7 + 6) — about half the bytes of one process."""
+    _needs(catalogue, method)
+    a, b = fsdp_runs[1](f"{method}_{arch}")
+    ref = fsdp_worker.train_loop(method, STEPS, catalogue=catalogue, arch=arch)
+    assert a["updates"] == b["updates"] == ref["updates"] >= 3
     assert any(not torch.equal(ref["first"][n], m) for n, m in ref["masks"].items())
+    shapes = {("mlp", False): ("0.weight", (17, 8), (16, 8)),
+              ("mlp", True): ("4.weight", (3, 16), (2, 16)),
+              ("gpt", False): ("lm_head.weight", (7, 16), (6, 16)),
+              ("gpt", True): ("lm_head.weight", (7, 16), (6, 16))}
+    name, sa, sb = shapes[arch, method.startswith("nm")]
+    assert a["local_masks"][name] == sa and b["local_masks"][name] == sb
     for got in (a, b):
-        for n, m in ref["masks"].items():
-            assert torch.equal(got["first"][n], ref["first"][n]), n
-            assert torch.equal(got["masks"][n], m), n
-        for n, p in ref["model"].items():
-            torch.testing.assert_close(got["model"][n], p, rtol=1e-4, atol=1e-6)
-        assert got["densities"] == pytest.approx(ref["densities"])
+        _assert_equal_to(got, ref)
+    if method == "nm_srste":  # forward masks: the pruned dense weights are kept
+        for got in (a, b):
+            for n, m in ref["masks"].items():
+                assert (got["model"][n][~m] != 0).all(), n
     # per rank, parameters + masks + optimizer state: about half of what a DDP rank holds
-    # (every DDP rank holds the single-process tensors); 33 rows split 17 + 16
+    # (every DDP rank holds the single-process tensors)
     for got in (a, b):
-        ratio = got["bytes"]["total"] / ref["bytes"]["total"]
-        assert 0.45 < ratio < 0.53, (got["bytes"], ref["bytes"])
+        assert 0.45 < got["bytes"]["total"] / ref["bytes"]["total"] < 0.55, got["bytes"]
     assert a["bytes"]["total"] + b["bytes"]["total"] == ref["bytes"]["total"]
 
 
-def test_fsdp_checkpoint_saved_on_two_ranks_resumes_on_one_and_on_two(catalogue, tmp_path):
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method,without", [("nm_srste", "nm_ste"), ("rigl_s2sam", "rigl")])
+def test_fsdp_cases_are_sensitive_to_the_component(catalogue, method, without, arch):
+    """The SR-STE term and the S²-SAM perturbation show in the single-process weights beyond
+    the tolerance: the equality above checks that they run under FSDP, not only that the rest
+    does."""
+    _needs(catalogue, method)
+    ref = fsdp_worker.train_loop(method, STEPS, catalogue=catalogue, arch=arch)
+    other = fsdp_worker.train_loop(without, STEPS, catalogue=catalogue, arch=arch)
+    assert any(not torch.allclose(other["model"][n], p, rtol=1e-4, atol=1e-6)
+               for n, p in ref["model"].items())
+
+
+def test_fsdp_checkpoint_saved_on_two_ranks_resumes_on_one_and_on_two(catalogue, fsdp_runs):
     """A distributed checkpoint written by 2 FSDP ranks after 2 RigL updates, resumed on 2
     ranks and on 1 unsharded process, continues to the uninterrupted 2-rank result."""
-    steps, at = 7, 3
-    ckpt = str(tmp_path / "ckpt")
-    _spawn(fsdp_worker.run_loop, tmp_path, "rigl", steps, (ckpt, at), None, "full")
-    _spawn(fsdp_worker.run_loop, tmp_path, "rigl", steps, None, (ckpt, at), "resumed")
-    full = torch.load(tmp_path / "full0.pt", weights_only=False)
-    resumed = [torch.load(tmp_path / f"resumed{r}.pt", weights_only=False) for r in range(2)]
-    one = fsdp_worker.train_loop("rigl", steps, catalogue=catalogue, resume=(ckpt, at))
+    out, load = fsdp_runs
+    full, _ = load("full")
+    resumed = load("resumed")
+    one = fsdp_worker.train_loop("rigl", STEPS, catalogue=catalogue,
+                                 resume=(str(out / "ckpt"), CKPT_AT))
     assert full["updates"] == 4 and one["updates"] == resumed[0]["updates"] == 2
     for got in (*resumed, one):
         for n, m in full["masks"].items():
@@ -64,55 +123,25 @@ def test_fsdp_checkpoint_saved_on_two_ranks_resumes_on_one_and_on_two(catalogue,
             torch.testing.assert_close(got["model"][n], p, rtol=1e-4, atol=1e-6)
 
 
-def test_fsdp_refuses_a_placement_that_splits_nm_groups(tmp_path):
+def test_fsdp_refuses_a_placement_that_splits_nm_groups(fsdp_runs):
     """2:4 groups run along the input dimension; sharding it as 12 = 6 + 6 splits a group."""
-    _spawn(fsdp_worker.nm_split, tmp_path)
+    out, _ = fsdp_runs
     for r in range(2):
-        text = (tmp_path / f"refused{r}.txt").read_text()
+        text = (out / f"refused{r}.txt").read_text()
         assert "NotSupportedUnderFSDP" in text and "0.weight" in text
         assert "splits N:M groups of 4 along dim 1" in text and "[0, 6)" in text
 
 
-def test_fsdp_masks_equal_single_process_nm_srste(catalogue, tmp_path):
-    """2:4 N:M + SR-STE (Zhou et al., arXiv 2102.04010) on a fully_shard-ed MLP: forward masks
-    on the unsharded weights FSDP all-gathers, the ``nm`` mask recomputed from |w| every 2
-    steps on the gathered view, SR-STE's decay on the local shards. After 4 topology updates
-    the whole masks equal one process's with the same global batch, the dense weights agree
-    within rtol 1e-4, and each rank held only its shard's mask."""
-    names = catalogue.registry.names
-    if "nm" not in names("topology_update") or "srste" not in names("gradient_correct"):
-        pytest.skip("nm / srste not registered")
-    steps = 7  # updates at steps 0, 2, 4 and 6
-    _spawn(fsdp_worker.run_loop, tmp_path, "nm_srste", steps)
-    a, b = (torch.load(tmp_path / f"fsdp{r}.pt", weights_only=False) for r in range(2))
-    ref = fsdp_worker.train_loop("nm_srste", steps, catalogue=catalogue)
-    ste = fsdp_worker.train_loop("nm_ste", steps, catalogue=catalogue)
-    assert a["updates"] == ref["updates"] >= 3
-    assert a["local_masks"]["4.weight"] == (3, 16) and b["local_masks"]["4.weight"] == (2, 16)
-    assert any(not torch.equal(ref["first"][n], m) for n, m in ref["masks"].items())
-    # the SR-STE term shows in the weights (beyond the tolerance), and the weights stay dense
-    assert any(not torch.allclose(ste["model"][n], p, rtol=1e-4, atol=1e-6)
-               for n, p in ref["model"].items())
-    for got in (a, b):
-        for n, m in ref["masks"].items():
-            assert torch.equal(got["first"][n], ref["first"][n]), n
-            assert torch.equal(got["masks"][n], m), n
-            assert (got["model"][n][~m] != 0).all(), n  # forward masks: pruned weights kept
-        for n, p in ref["model"].items():
-            torch.testing.assert_close(got["model"][n], p, rtol=1e-4, atol=1e-6)
-        assert got["densities"] == pytest.approx(ref["densities"])
-    for got in (a, b):  # masks sharded with their weights: about half of one process's bytes
-        assert 0.4 < got["bytes"]["total"] / ref["bytes"]["total"] < 0.6, got["bytes"]
-    assert a["bytes"]["total"] + b["bytes"]["total"] == ref["bytes"]["total"]
-
-
-def test_fsdp_refuses_unverified_forward_masking(tmp_path):
-    """Forward masks are verified under FSDP with the N:M recipe only; RigL on forward masks
-    and MDGF's decaying mask (β > 0) are refused, each with the reason."""
-    _spawn(fsdp_worker.refusals, tmp_path)
+def test_fsdp_refuses_unverified_components(fsdp_runs):
+    """Forward masks are verified under FSDP with the N:M recipe only; RigL on forward masks,
+    MDGF's decaying mask (β > 0) and two-pass SAM are refused, each with the reason."""
+    out, _ = fsdp_runs
     for r in range(2):
-        text = (tmp_path / f"forward_rigl{r}.txt").read_text()
+        text = (out / f"forward_rigl{r}.txt").read_text()
         assert text.startswith("NotSupportedUnderFSDP") and "kind = 'forward'" in text
         assert "'rigl'" in text and "N:M recipe only" in text
-        text = (tmp_path / f"mask_decay{r}.txt").read_text()
+        text = (out / f"mask_decay{r}.txt").read_text()
         assert text.startswith("NotSupportedUnderFSDP") and "'mask_decay'" in text
+        text = (out / f"sam{r}.txt").read_text()
+        assert text.startswith("NotSupportedUnderFSDP") and "[perturb] 'sam'" in text
+        assert "s2sam" in text
