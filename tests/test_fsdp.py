@@ -19,6 +19,7 @@ STEPS = 7  # topology updates at steps 0, 2, 4 and 6
 METHODS = ("rigl", "set", "nm_srste", "rigl_s2sam")
 ARCHS = ("mlp", "gpt")
 CKPT_AT = 3
+CKPT_METHODS = ("rigl", "rigl_s2sam")
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +30,11 @@ def fsdp_runs(tmp_path_factory):
     ckpt = str(out / "ckpt")
     cases = [(f"{m}_{a}", {"method": m, "steps": STEPS, "arch": a})
              for a in ARCHS for m in METHODS]
-    cases += [("full", {"method": "rigl", "steps": STEPS, "save": (ckpt, CKPT_AT)}),
-              ("resumed", {"method": "rigl", "steps": STEPS, "resume": (ckpt, CKPT_AT)}),
-              ("nm_split", {}), ("refusals", {})]
+    for m in CKPT_METHODS:
+        at = (f"{ckpt}_{m}", CKPT_AT)
+        cases += [(f"full_{m}", {"method": m, "steps": STEPS, "save": at}),
+                  (f"resumed_{m}", {"method": m, "steps": STEPS, "resume": at})]
+    cases += [("nm_split", {}), ("refusals", {})]
     spawn(fsdp_worker.run_cases, out, str(out), cases, timeout=400)
 
     def load(tag: str) -> list[dict]:
@@ -107,14 +110,18 @@ def test_fsdp_cases_are_sensitive_to_the_component(catalogue, method, without, a
                for n, p in ref["model"].items())
 
 
-def test_fsdp_checkpoint_saved_on_two_ranks_resumes_on_one_and_on_two(catalogue, fsdp_runs):
+@pytest.mark.parametrize("method", CKPT_METHODS)
+def test_fsdp_checkpoint_saved_on_two_ranks_resumes_on_one_and_on_two(catalogue, fsdp_runs,
+                                                                      method):
     """A distributed checkpoint written by 2 FSDP ranks after 2 RigL updates, resumed on 2
-    ranks and on 1 unsharded process, continues to the uninterrupted 2-rank result."""
+    ranks and on 1 unsharded process, continues to the uninterrupted 2-rank result; with
+    S²-SAM the previous step's (sharded) gradient travels in the checkpoint too."""
+    _needs(catalogue, method)
     out, load = fsdp_runs
-    full, _ = load("full")
-    resumed = load("resumed")
-    one = fsdp_worker.train_loop("rigl", STEPS, catalogue=catalogue,
-                                 resume=(str(out / "ckpt"), CKPT_AT))
+    full, _ = load(f"full_{method}")
+    resumed = load(f"resumed_{method}")
+    one = fsdp_worker.train_loop(method, STEPS, catalogue=catalogue,
+                                 resume=(str(out / f"ckpt_{method}"), CKPT_AT))
     assert full["updates"] == 4 and one["updates"] == resumed[0]["updates"] == 2
     for got in (*resumed, one):
         for n, m in full["masks"].items():
