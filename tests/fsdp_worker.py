@@ -168,6 +168,9 @@ def run_cases(rank: int, world: int, port: int, out: str, cases: list[tuple]) ->
                     nm_split(out, rank)
                 elif tag == "refusals":
                     refusals(out, rank)
+                elif "raw" in kwargs:
+                    result = trainer_run(os.path.join(out, tag), **kwargs)
+                    torch.save(result, os.path.join(out, f"{tag}{rank}.pt"))
                 else:
                     result = train_loop(rank=rank, world=world, sharded=True, **kwargs)
                     torch.save(result, os.path.join(out, f"{tag}{rank}.pt"))
@@ -180,6 +183,40 @@ def run_cases(rank: int, world: int, port: int, out: str, cases: list[tuple]) ->
         if dist.is_initialized():
             dist.destroy_process_group()
         sys.stdout.flush()
+
+
+def trainer_run(run_dir: str, raw: dict, resume_prev_of: str | None = None) -> dict:
+    """A Trainer run of the config ``raw`` (``[train] parallel`` decides DDP or FSDP) in
+    ``run_dir``; returns the whole masks and weights and the step. ``resume_prev_of``: copy
+    that finished run directory to ``run_dir`` without its current checkpoint (as a kill
+    between the two renames of a checkpoint write leaves it) and resume from the kept
+    previous one."""
+    import shutil
+
+    from sparsefw import config as config_mod
+    from sparsefw import distributed_checkpoint, sharding
+    from sparsefw.engine import Trainer
+    from sparsefw.plugins import load_catalogue
+
+    catalogue = load_catalogue(autoload=False)
+    cfg = config_mod.structure(raw, catalogue.registry)
+    if resume_prev_of is not None:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            shutil.copytree(resume_prev_of, run_dir)
+            shutil.rmtree(os.path.join(run_dir, distributed_checkpoint.CHECKPOINT_DIR))
+        if dist.is_initialized():
+            dist.barrier()
+    trainer = Trainer(cfg, catalogue, run_dir=run_dir, raw_config=raw)
+    if resume_prev_of is not None:
+        trainer.load_checkpoint(distributed_checkpoint.resume_path(run_dir))
+    start = trainer.state.step
+    metrics = trainer.fit()
+    view = sharding.gathered_view(trainer.masks)
+    return {"masks": {n: m.clone() for n, m in view.masks.items()},
+            "model": {n: sharding.gather(p.detach()).clone()
+                      for n, p in trainer.model.named_parameters()},
+            "start": start, "step": trainer.state.step, "metrics": metrics,
+            "local_masks": {n: tuple(m.shape) for n, m in trainer.masks.masks.items()}}
 
 
 def _refused(out: str, name: str, make) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from . import fsdp_worker
+from .conftest import TINY, merge
 from .spawning import spawn
 
 pytestmark = pytest.mark.skipif(
@@ -20,6 +21,15 @@ METHODS = ("rigl", "set", "nm_srste", "rigl_s2sam")
 ARCHS = ("mlp", "gpt")
 CKPT_AT = 3
 CKPT_METHODS = ("rigl", "rigl_s2sam")
+
+
+#: a Trainer run (tests/conftest.py's TINY, 3 epochs of 8 steps): RigL every 4 steps; hidden
+#: layer of 17 (split 9 + 8), 33 test samples in batches of 8 (the ranks' 17 and 16 samples
+#: take 3 and 2 evaluation forwards, which FSDP's collectives must not mind)
+TRAINER_RAW = merge(TINY, {"train": {"epochs": 3, "batch_size": 16, "eval_batch_size": 8},
+                           "data": {"n_train": 128, "n_test": 33}, "model": {"hidden": [17]},
+                           "topology_update": {"name": "rigl", "every": 4, "end": 0.9}})
+TRAINER_FSDP = merge(TRAINER_RAW, {"train": {"parallel": "fsdp"}})
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +45,9 @@ def fsdp_runs(tmp_path_factory):
         cases += [(f"full_{m}", {"method": m, "steps": STEPS, "save": at}),
                   (f"resumed_{m}", {"method": m, "steps": STEPS, "resume": at})]
     cases += [("nm_split", {}), ("refusals", {})]
+    cases += [("trainer_ddp", {"raw": TRAINER_RAW}), ("trainer_fsdp", {"raw": TRAINER_FSDP}),
+              ("trainer_resumed", {"raw": TRAINER_FSDP,
+                                   "resume_prev_of": str(out / "trainer_fsdp")})]
     spawn(fsdp_worker.run_cases, out, str(out), cases, timeout=400)
 
     def load(tag: str) -> list[dict]:
@@ -152,3 +165,84 @@ def test_fsdp_refuses_unverified_components(fsdp_runs):
         text = (out / f"sam{r}.txt").read_text()
         assert text.startswith("NotSupportedUnderFSDP") and "[perturb] 'sam'" in text
         assert "s2sam" in text
+
+
+def test_trainer_fsdp_equals_ddp(fsdp_runs):
+    """``[train] parallel = "fsdp"`` under 2 ranks: the Trainer run (3 epochs, RigL, 5
+    topology updates, evaluation and checkpoints every epoch) ends with the DDP run's masks,
+    weights within rtol 1e-4 and its test metrics; each rank held its shard of the masks."""
+    _, load = fsdp_runs
+    ddp, _ = load("trainer_ddp")
+    a, b = load("trainer_fsdp")
+    assert ddp["step"] == a["step"] == b["step"] == 24
+    assert a["local_masks"]["1.weight"] == (9, 8) and b["local_masks"]["1.weight"] == (8, 8)
+    for got in (a, b):
+        _assert_equal_to({**got, "first": ddp["masks"], "densities": 0},
+                         {**ddp, "first": ddp["masks"], "densities": 0})
+        for k in ("test/loss", "test/acc", "density"):
+            assert got["metrics"][k] == pytest.approx(ddp["metrics"][k], rel=1e-4), k
+
+
+def test_trainer_fsdp_resumes_from_its_distributed_checkpoint_on_two_ranks_and_one(
+        catalogue, fsdp_runs, tmp_path):
+    """The FSDP run's directory holds ``checkpoint.dcp`` and the kept ``checkpoint.prev.dcp``
+    (after epoch 2). With the current one gone (a kill between the two renames of a write),
+    a resume on 2 ranks and one on 1 process continue from the kept one to the uninterrupted
+    run's masks and weights."""
+    from sparsefw import distributed_checkpoint
+
+    out, load = fsdp_runs
+    names = {p.name for p in (out / "trainer_fsdp").iterdir()}
+    assert {distributed_checkpoint.CHECKPOINT_DIR, distributed_checkpoint.PREVIOUS_DIR} <= names
+    assert not any(n.endswith(".tmp") for n in names)
+    full, _ = load("trainer_fsdp")
+    one = fsdp_worker.trainer_run(str(tmp_path / "one"), TRAINER_FSDP,
+                                  resume_prev_of=str(out / "trainer_fsdp"))
+    assert full["start"] == 0
+    for got in (*load("trainer_resumed"), one):
+        assert got["start"] == 16 and got["step"] == 24
+        for n, m in full["masks"].items():
+            assert torch.equal(got["masks"][n], m), n
+        for n, p in full["model"].items():
+            torch.testing.assert_close(got["model"][n], p, rtol=1e-4, atol=1e-6)
+
+
+def test_distributed_checkpoint_refuses_a_changed_file_and_untrusted_metadata(fsdp_runs,
+                                                                             tmp_path):
+    """Every file of ``checkpoint.dcp`` is checked against the CRC-32 written with it; DCP's
+    pickled metadata may name only DCP's metadata classes and plain data."""
+    import pickle
+    import shutil
+
+    from sparsefw import distributed_checkpoint
+    from sparsefw.engine.checkpoint import CheckpointError, UntrustedCheckpoint
+
+    out, _ = fsdp_runs
+    ckpt = tmp_path / distributed_checkpoint.CHECKPOINT_DIR
+    shutil.copytree(out / "trainer_fsdp" / distributed_checkpoint.CHECKPOINT_DIR, ckpt)
+    distributed_checkpoint.verify(ckpt)
+    distributed_checkpoint.safe_metadata(ckpt)
+    shard = next(ckpt.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match the checksum"):
+        distributed_checkpoint.verify(ckpt)
+    (ckpt / ".metadata").write_bytes(pickle.dumps({"x": print}))
+    with pytest.raises(UntrustedCheckpoint, match="builtins.print"):
+        distributed_checkpoint.safe_metadata(ckpt)
+
+
+def test_trainer_fsdp_refuses_what_it_does_not_run(catalogue, tmp_path):
+    """Settings the Trainer does not run under FSDP yet fail before training, naming each."""
+    from sparsefw import config as config_mod
+    from sparsefw.engine import Trainer
+    from sparsefw.sharding import NotSupportedUnderFSDP
+
+    raw = merge(TRAINER_FSDP, {"train": {"compile": True, "amp": "bf16"},
+                               "optimizer": {"implementation": "fused"}})
+    cfg = config_mod.structure(raw, catalogue.registry)
+    with pytest.raises(NotSupportedUnderFSDP) as err:
+        Trainer(cfg, catalogue, run_dir=tmp_path / "run", raw_config=raw)
+    for what in ("compile = true", "amp = 'bf16'", 'implementation = "fused"'):
+        assert what in str(err.value)
