@@ -27,8 +27,8 @@ import torch
 
 from sparsefw import sharding
 
-__all__ = ["CHECKPOINT_DIR", "PREVIOUS_DIR", "load", "resume_path", "save", "save_atomic",
-           "verify"]
+__all__ = ["CHECKPOINT_DIR", "PREVIOUS_DIR", "is_distributed_checkpoint", "load", "read_whole",
+           "resume_path", "safe_metadata", "save", "save_atomic", "verify"]
 
 #: the Trainer's distributed checkpoint in a run directory (``[train] parallel = "fsdp"``)
 CHECKPOINT_DIR = "checkpoint.dcp"
@@ -275,3 +275,32 @@ def resume_path(run_dir: str | Path) -> Path:
     if not current.exists():
         raise CheckpointError(f"{run_dir}: no {CHECKPOINT_DIR} there (did the run write one?)")
     return current
+
+
+def is_distributed_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a DCP directory (it holds DCP's ``.metadata``)."""
+    return (Path(path) / ".metadata").is_file()
+
+
+def read_whole(path: str | Path, *, trust: bool = False) -> dict:
+    """What :func:`save` wrote, read in one process without a model or a process group, as
+    whole tensors (DCP gathers every shard): ``{"step", "epoch", "model", "masks": {"kind",
+    "decay", "targets", "masks"}}`` (model and masks keyed by parameter name), what
+    ``sparsefw export`` turns into a plain state dict. Checksums are checked when the
+    directory has them (:func:`save_atomic`), the metadata before it is unpickled unless
+    ``trust``."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    path = Path(path)
+    if (path / CHECKSUMS).exists():
+        verify(path)
+    if not trust:
+        safe_metadata(path)
+    sd: dict = {}
+    _load_state_dict(sd, storage_reader=FileSystemReader(str(path)),
+                     planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    state = _unblob(sd["sparsifier"], trust)
+    return {"step": state["step"], "epoch": state["epoch"], "model": sd["model"],
+            "masks": {**state["masks"], "masks": sd["masks"]}}

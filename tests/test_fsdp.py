@@ -6,6 +6,8 @@ compares its case with a single-process run with the same global batch."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -246,3 +248,37 @@ def test_trainer_fsdp_refuses_what_it_does_not_run(catalogue, tmp_path):
         Trainer(cfg, catalogue, run_dir=tmp_path / "run", raw_config=raw)
     for what in ("compile = true", "amp = 'bf16'", 'implementation = "fused"'):
         assert what in str(err.value)
+
+
+def test_export_gathers_a_distributed_checkpoint_into_a_plain_state_dict(fsdp_runs, tmp_path):
+    """``sparsefw export`` of an FSDP run (its ``checkpoint.dcp``, written by 2 ranks) in one
+    process: the whole masked weights under the model's own key names, the whole masks, the
+    step; the DCP directory named itself exports the same."""
+    import subprocess
+    import sys
+
+    from sparsefw import distributed_checkpoint
+
+    out, load = fsdp_runs
+    full, _ = load("trainer_fsdp")
+    run = out / "trainer_fsdp"
+    target = tmp_path / "model.pt"
+    done = subprocess.run([sys.executable, "-m", "sparsefw.cli", "export", str(run),
+                           "--out", str(target)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    state = torch.load(target, weights_only=True)
+    masks = torch.load(tmp_path / "model.masks.pt", weights_only=True)
+    assert set(state) == set(full["model"]) and set(masks) == set(full["masks"])
+    for n, p in full["model"].items():
+        expected = p * full["masks"][n] if n in full["masks"] else p
+        assert torch.equal(state[n], expected), n
+    for n, m in full["masks"].items():
+        assert torch.equal(masks[n], m), n
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta["step"] == 24 and meta["model"]["name"] == "mlp"
+    from sparsefw.commands.export import export_run
+
+    again = export_run(run / distributed_checkpoint.CHECKPOINT_DIR, tmp_path / "again.pt")
+    assert again.density == pytest.approx(meta["density"])
+    for n, t in torch.load(again.path, weights_only=True).items():
+        assert torch.equal(t, state[n]), n
