@@ -49,6 +49,7 @@ __all__ = [
     "local",
     "local_slice",
     "memory_per_rank",
+    "reshard",
     "shard_bounds",
     "to_dtensor",
 ]
@@ -129,6 +130,19 @@ def global_norm(tensors: list[torch.Tensor], like: list[torch.Tensor]) -> torch.
     if whole:
         total = total + torch.stack(whole).double().square().sum()
     return total.sqrt().to(norms[0].dtype)
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the unsharded parameters every ``fully_shard``-ed module of ``model`` still holds.
+    FSDP2 keeps the root's parameters unsharded after a forward until its backward; after a
+    forward without one (``torch.no_grad`` evaluation) they would stay, and the next forward
+    would use them instead of all-gathering the shards again, missing any in-place change to
+    the shards made since (an optimizer step, a perturbation written into them)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def to_dtensor(shard: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -315,6 +315,9 @@ class Sparsifier:
         st.forward_backward = self.forward_backward
         st.closure = self._missing("closure")
         st.train_batches = self._train_batches
+        if self.sharded:  # FSDP2: take the parameters by name while they are the sharded ones
+            sharding.reshard(self.model)  # (a forward without backward leaves the root's
+            st.named_params  # noqa: B018 -- unsharded copies registered in their place)
         self._implicit_epochs = steps_per_epoch is not None
         self._manage_epochs = front_door != "trainer"
         self._epoch_started = False
@@ -589,6 +592,7 @@ class Sparsifier:
         params = [named[n] for n in names]
         bufs = [self._spare_buffer(n, named[n]) for n in names]
         if self.sharded:  # FSDP2 all-gathers from the shard's own storage: perturb it in place
+            sharding.reshard(self.model)  # no unsharded copy left to miss it
             params = [sharding.local(p.detach()) for p in params]
             torch._foreach_copy_(bufs, params)
             bufs, saved = params, bufs
@@ -659,6 +663,7 @@ class Sparsifier:
                 yield
             finally:
                 with torch.no_grad():
+                    sharding.reshard(self.model)  # a forward in the block left w unsharded
                     torch._foreach_copy_(shards, perturbed)
             return
         with torch.no_grad():
@@ -735,6 +740,8 @@ class Sparsifier:
         the gradients, run an after-backward topology update if due, the gradient
         corrections, and zero the pruned gradients (hard masks)."""
         st = self.state
+        if self.sharded:  # a forward since the backward (evaluation) left unsharded copies
+            sharding.reshard(self.model)
         self._restore()
         self._sparse_compute_active(False)
         if self._prepared_step != st.step:  # no forward seen (compiled hooks): prepare late

@@ -88,11 +88,15 @@ def batches(arch: str, classes: int):
 
 def train_loop(method: str, steps: int, rank: int = 0, world: int = 1, sharded: bool = False,
                catalogue=None, save: tuple[str, int] | None = None,
-               resume: tuple[str, int] | None = None, arch: str = "mlp") -> dict:
+               resume: tuple[str, int] | None = None, arch: str = "mlp",
+               closure: bool = True) -> dict:
     """``steps`` Sparsifier steps on this rank's slice of fixed global batches; returns the
     whole masks, the whole weights and the densities. ``save=(dir, k)`` writes a distributed
     checkpoint before step ``k``; ``resume=(dir, k)`` loads one and continues from step ``k``.
-    ``arch``: ``"mlp"`` (:func:`mlp`, or :func:`nm_mlp` for the N:M recipes) or ``"gpt"``."""
+    ``arch``: ``"mlp"`` (:func:`mlp`, or :func:`nm_mlp` for the N:M recipes) or ``"gpt"``.
+    ``closure=False``: ``loss.backward(); sp.step()`` (the perturbation applied by the forward
+    pre-hook), with the whole global batch's loss evaluated inside ``sp.unperturbed()`` between
+    the backward and the step (``"unperturbed"`` in the result)."""
     from sparsefw import Sparsifier, distributed_checkpoint, sharding
     from sparsefw.plugins import load_catalogue
 
@@ -116,6 +120,7 @@ def train_loop(method: str, steps: int, rank: int = 0, world: int = 1, sharded: 
     data = batches(arch, classes)
     per = GLOBAL_BATCH // world
     updates = 0
+    unperturbed: list[torch.Tensor] = []
     if resume is not None:
         distributed_checkpoint.load(resume[0], model, opt, sp)
     for i in range(steps):
@@ -126,18 +131,26 @@ def train_loop(method: str, steps: int, rank: int = 0, world: int = 1, sharded: 
             distributed_checkpoint.save(save[0], model, opt, sp)
         xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
         updates += sp.topology_due()
+        if not closure:
+            opt.zero_grad()
+            F.cross_entropy(model(xs), ys).backward()
+            with torch.no_grad(), sp.unperturbed():
+                unperturbed.append(F.cross_entropy(model(x), y))
+            sp.step()
+            continue
 
-        def closure(xs=xs, ys=ys):
+        def step_closure(xs=xs, ys=ys):
             loss = F.cross_entropy(model(xs), ys)
             loss.backward()
             return loss
 
-        sp.step(closure)
+        sp.step(step_closure)
     view = sharding.gathered_view(sp.masks)
     return {"masks": {n: m.clone() for n, m in view.masks.items()}, "first": first,
             "model": {n: sharding.gather(p.detach()).clone()
                       for n, p in model.named_parameters()},
             "densities": sp.densities(), "updates": updates,
+            "unperturbed": [float(v) for v in unperturbed],
             "bytes": sharding.memory_per_rank(model, sp.masks, opt),
             "local_masks": {n: tuple(m.shape) for n, m in sp.masks.masks.items()}}
 

@@ -32,6 +32,15 @@ TRAINER_RAW = merge(TINY, {"train": {"epochs": 3, "batch_size": 16, "eval_batch_
                            "data": {"n_train": 128, "n_test": 33}, "model": {"hidden": [17]},
                            "topology_update": {"name": "rigl", "every": 4, "end": 0.9}})
 TRAINER_FSDP = merge(TRAINER_RAW, {"train": {"parallel": "fsdp"}})
+#: the small GPT on the text data set through the Trainer, RigL + S²-SAM: 2 epochs of 3 steps
+#: (an evaluation between them), topology updates at steps 0, 2 and 4; the root module holds
+#: the embeddings and LayerNorms (perturbed too)
+TRAINER_GPT = merge({k: v for k, v in TINY.items() if k not in ("data", "model")}, {
+    "data": {"name": "text", "seq_len": 16, "max_chars": 1000},
+    "model": {"name": "gpt", "dim": 16, "depth": 1, "heads": 2},
+    "train": {"epochs": 2, "batch_size": 16, "eval_batch_size": 16},
+    "sparsity": {"density": 0.3}, "topology_update": {"name": "rigl", "every": 2, "end": 0.9},
+    "perturb": [{"name": "s2sam", "rho": 0.5}]})
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +51,8 @@ def fsdp_runs(tmp_path_factory):
     ckpt = str(out / "ckpt")
     cases = [(f"{m}_{a}", {"method": m, "steps": STEPS, "arch": a})
              for a in ARCHS for m in METHODS]
+    cases.append(("rigl_s2sam_loop_gpt", {"method": "rigl_s2sam", "steps": STEPS,
+                                          "arch": "gpt", "closure": False}))
     for m in CKPT_METHODS:
         at = (f"{ckpt}_{m}", CKPT_AT)
         cases += [(f"full_{m}", {"method": m, "steps": STEPS, "save": at}),
@@ -49,7 +60,9 @@ def fsdp_runs(tmp_path_factory):
     cases += [("nm_split", {}), ("refusals", {})]
     cases += [("trainer_ddp", {"raw": TRAINER_RAW}), ("trainer_fsdp", {"raw": TRAINER_FSDP}),
               ("trainer_resumed", {"raw": TRAINER_FSDP,
-                                   "resume_prev_of": str(out / "trainer_fsdp")})]
+                                   "resume_prev_of": str(out / "trainer_fsdp")}),
+              ("trainer_gpt_ddp", {"raw": TRAINER_GPT}),
+              ("trainer_gpt_fsdp", {"raw": merge(TRAINER_GPT, {"train": {"parallel": "fsdp"}})})]
     spawn(fsdp_worker.run_cases, out, str(out), cases, timeout=400)
 
     def load(tag: str) -> list[dict]:
@@ -110,6 +123,22 @@ def test_fsdp_masks_equal_single_process(catalogue, fsdp_runs, method, arch):
     for got in (a, b):
         assert 0.45 < got["bytes"]["total"] / ref["bytes"]["total"] < 0.55, got["bytes"]
     assert a["bytes"]["total"] + b["bytes"]["total"] == ref["bytes"]["total"]
+
+
+def test_fsdp_s2sam_without_a_closure_equals_single_process(catalogue, fsdp_runs):
+    """RigL + S²-SAM on the GPT driven as ``loss.backward(); sp.step()``: the perturbation is
+    applied by the Sparsifier's forward pre-hook, which runs before FSDP's root pre-hook (the
+    root's embeddings and LayerNorms are perturbed too), and ``sp.unperturbed()`` between the
+    backward and the step gives the unperturbed loss of the global batch; both as in one
+    process."""
+    _needs(catalogue, "rigl_s2sam")
+    a, b = fsdp_runs[1]("rigl_s2sam_loop_gpt")
+    ref = fsdp_worker.train_loop("rigl_s2sam", STEPS, catalogue=catalogue, arch="gpt",
+                                 closure=False)
+    assert a["updates"] == ref["updates"] >= 3 and len(ref["unperturbed"]) == STEPS
+    for got in (a, b):
+        _assert_equal_to(got, ref)
+        assert got["unperturbed"] == pytest.approx(ref["unperturbed"], rel=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -183,6 +212,21 @@ def test_trainer_fsdp_equals_ddp(fsdp_runs):
                          {**ddp, "first": ddp["masks"], "densities": 0})
         for k in ("test/loss", "test/acc", "density"):
             assert got["metrics"][k] == pytest.approx(ddp["metrics"][k], rel=1e-4), k
+
+
+def test_trainer_fsdp_equals_ddp_on_the_gpt_with_s2sam(fsdp_runs):
+    """The small GPT through the Trainer with RigL + S²-SAM, ``parallel = "fsdp"`` against
+    ``"ddp"`` on 2 ranks: the same masks after 3 topology updates, weights within rtol 1e-4,
+    the same test loss (an evaluation between the epochs, whose forwards leave FSDP's root
+    unsharded, does not disturb the next step)."""
+    _, load = fsdp_runs
+    ddp, _ = load("trainer_gpt_ddp")
+    for got in load("trainer_gpt_fsdp"):
+        assert got["step"] == ddp["step"] == 6 and got["metrics"]["epoch"] == 1
+        _assert_equal_to({**got, "first": ddp["masks"], "densities": 0},
+                         {**ddp, "first": ddp["masks"], "densities": 0})
+        assert got["metrics"]["test/loss"] == pytest.approx(ddp["metrics"]["test/loss"],
+                                                            rel=1e-4)
 
 
 def test_trainer_fsdp_resumes_from_its_distributed_checkpoint_on_two_ranks_and_one(

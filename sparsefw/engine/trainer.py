@@ -17,7 +17,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from sparsefw import distributed_checkpoint
+from sparsefw import distributed_checkpoint, sharding
 from sparsefw.config import ConfigError, RunConfig
 from sparsefw.engine import checkpoint, distributed
 from sparsefw.engine.guard import DivergenceGuard
@@ -247,6 +247,8 @@ class Trainer:
             most = -(-len(range(0, self.test_source.n, world)) // bs)
             for _ in range(most - batches):
                 self.forward(x[:1])
+        if self.fsdp and self.dist.enabled:  # no backward frees the root's unsharded weights
+            sharding.reshard(self.model)
         totals = torch.stack([loss, correct.double(), torch.tensor(float(n), device=self.device,
                                                                   dtype=torch.float64)])
         lv, cv, n = distributed.all_reduce_sum_(totals, self.dist).tolist()
