@@ -315,9 +315,10 @@ class Sparsifier:
         st.forward_backward = self.forward_backward
         st.closure = self._missing("closure")
         st.train_batches = self._train_batches
-        if self.sharded:  # FSDP2: take the parameters by name while they are the sharded ones
-            sharding.reshard(self.model)  # (a forward without backward leaves the root's
-            st.named_params  # noqa: B018 -- unsharded copies registered in their place)
+        if self.sharded:  # FSDP2: take the parameters by name while they are the sharded
+            # ones (after a forward without backward, the root's unsharded copies stand in)
+            sharding.reshard(self.model)
+            _ = st.named_params
         self._implicit_epochs = steps_per_epoch is not None
         self._manage_epochs = front_door != "trainer"
         self._epoch_started = False
@@ -584,7 +585,10 @@ class Sparsifier:
         left untouched, so :meth:`_put_back` restores the weights bit-exactly by swapping
         back — no copy of the weights and no copy back (``w + e − e`` is not always ``w`` in
         floating point, so subtracting would not do). Identity, ``.grad`` and optimizer state
-        of the parameters are unchanged; only what ``param.data`` points at."""
+        of the parameters are unchanged; only what ``param.data`` points at. Under FSDP2 the
+        shards' own storage is what FSDP all-gathers from, so ``w`` is copied into the second
+        buffer and ``w + e`` written into the shard in place; :meth:`_put_back` copies ``w``
+        back (bit-exact as well)."""
         names = list(dict.fromkeys(n for p in perts for n in p.params))
         if not names:
             return None
