@@ -62,6 +62,12 @@ RIGL_S2SAM = {"sparsity": {"density": 0.3},
               "topology_update": {"name": "rigl", "every": 2, "end": 1.0, "decay": "constant"},
               "perturb": [{"name": "s2sam", "rho": 0.5}]}
 
+#: S²-SAM on forward masks (N:M + SR-STE) and with ``perturb_pruned``: the previous gradient
+#: is kept as a copy (not as references to the ``.grad`` tensors)
+NM_S2SAM = {**NM_SRSTE, "perturb": [{"name": "s2sam", "rho": 0.5}]}
+RIGL_S2SAM_PRUNED = {**RIGL_S2SAM, "perturb": [{"name": "s2sam", "rho": 0.5,
+                                                 "perturb_pruned": True}]}
+
 
 def shard(model: torch.nn.Module, placement_fn=None) -> torch.nn.Module:
     """``fully_shard`` every Linear layer (each its own all-gather group), then the root."""
@@ -100,7 +106,8 @@ def train_loop(method: str, steps: int, rank: int = 0, world: int = 1, sharded: 
     from sparsefw import Sparsifier, distributed_checkpoint, sharding
     from sparsefw.plugins import load_catalogue
 
-    recipe = {"nm_srste": NM_SRSTE, "nm_ste": NM_STE, "rigl_s2sam": RIGL_S2SAM}.get(method)
+    recipe = {"nm_srste": NM_SRSTE, "nm_ste": NM_STE, "rigl_s2sam": RIGL_S2SAM,
+              "nm_s2sam": NM_S2SAM, "rigl_s2sam_pruned": RIGL_S2SAM_PRUNED}.get(method)
     if arch == "gpt":
         model, classes = gpt(), GPT_VOCAB
     else:

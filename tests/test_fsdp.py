@@ -21,6 +21,10 @@ pytestmark = pytest.mark.skipif(
 STEPS = 7  # topology updates at steps 0, 2, 4 and 6
 METHODS = ("rigl", "set", "nm_srste", "rigl_s2sam")
 ARCHS = ("mlp", "gpt")
+#: every method on both models, and S²-SAM keeping a copy of the gradient (forward masks,
+#: ``perturb_pruned``) on the MLP
+CASES = [(m, a) for a in ARCHS for m in METHODS] + [("nm_s2sam", "mlp"),
+                                                    ("rigl_s2sam_pruned", "mlp")]
 CKPT_AT = 3
 CKPT_METHODS = ("rigl", "rigl_s2sam")
 
@@ -49,8 +53,7 @@ def fsdp_runs(tmp_path_factory):
     results (failing with the rank's traceback when the case raised)."""
     out = tmp_path_factory.mktemp("fsdp")
     ckpt = str(out / "ckpt")
-    cases = [(f"{m}_{a}", {"method": m, "steps": STEPS, "arch": a})
-             for a in ARCHS for m in METHODS]
+    cases = [(f"{m}_{a}", {"method": m, "steps": STEPS, "arch": a}) for m, a in CASES]
     cases.append(("rigl_s2sam_loop_gpt", {"method": "rigl_s2sam", "steps": STEPS,
                                           "arch": "gpt", "closure": False}))
     for m in CKPT_METHODS:
@@ -77,7 +80,10 @@ def _needs(catalogue, method: str) -> None:
     names = catalogue.registry.names
     wanted = {"rigl": [("topology_update", "rigl")], "set": [("topology_update", "set")],
               "nm_srste": [("topology_update", "nm"), ("gradient_correct", "srste")],
-              "rigl_s2sam": [("topology_update", "rigl"), ("perturb", "s2sam")]}[method]
+              "rigl_s2sam": [("topology_update", "rigl"), ("perturb", "s2sam")],
+              "nm_s2sam": [("topology_update", "nm"), ("gradient_correct", "srste"),
+                           ("perturb", "s2sam")],
+              "rigl_s2sam_pruned": [("topology_update", "rigl"), ("perturb", "s2sam")]}[method]
     missing = [n for section, n in wanted if n not in names(section)]
     if missing:
         pytest.skip(f"{', '.join(missing)} not registered")
@@ -93,11 +99,11 @@ def _assert_equal_to(got: dict, ref: dict) -> None:
     assert got["densities"] == pytest.approx(ref["densities"])
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method,arch", CASES)
 def test_fsdp_masks_equal_single_process(catalogue, fsdp_runs, method, arch):
     """RigL, SET, 2:4 N:M + SR-STE (Zhou et al., arXiv 2102.04010) and RigL + S²-SAM (Ji et
-    al., NeurIPS 2024) on a fully_shard-ed MLP and small GPT: after 4 topology updates the
+    al., NeurIPS 2024) on a fully_shard-ed MLP and small GPT (and on the MLP S²-SAM with N:M
+    forward masks and with ``perturb_pruned``): after 4 topology updates the
     whole masks equal one process's with the same global batch, the weights agree within
     rtol 1e-4, and each rank held only its shard's masks (uneven shards: 33 rows as 17 + 16,
     5 as 3 + 2, the GPT's 13-token head as 7 + 6) — about half the bytes of one process."""
@@ -114,7 +120,7 @@ def test_fsdp_masks_equal_single_process(catalogue, fsdp_runs, method, arch):
     assert a["local_masks"][name] == sa and b["local_masks"][name] == sb
     for got in (a, b):
         _assert_equal_to(got, ref)
-    if method == "nm_srste":  # forward masks: the pruned dense weights are kept
+    if method.startswith("nm"):  # forward masks: the pruned dense weights are kept
         for got in (a, b):
             for n, m in ref["masks"].items():
                 assert (got["model"][n][~m] != 0).all(), n
@@ -142,7 +148,9 @@ def test_fsdp_s2sam_without_a_closure_equals_single_process(catalogue, fsdp_runs
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method,without", [("nm_srste", "nm_ste"), ("rigl_s2sam", "rigl")])
+@pytest.mark.parametrize("method,without", [("nm_srste", "nm_ste"), ("rigl_s2sam", "rigl"),
+                                            ("nm_s2sam", "nm_srste"),
+                                            ("rigl_s2sam_pruned", "rigl_s2sam")])
 def test_fsdp_cases_are_sensitive_to_the_component(catalogue, method, without, arch):
     """The SR-STE term and the S²-SAM perturbation show in the single-process weights beyond
     the tolerance: the equality above checks that they run under FSDP, not only that the rest
