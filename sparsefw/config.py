@@ -192,6 +192,9 @@ class TrainConfig:
     on_nonfinite: str = attrs.field(default="stop", validator=one_of("stop", "skip"))
     #: with ``on_nonfinite = "skip"``: stop once more steps than this were skipped
     max_nonfinite_skips: int = attrs.field(default=10, validator=in_range(0, lo_open=False))
+    #: under torchrun: ``ddp`` replicates the model on every rank; ``fsdp`` shards parameters,
+    #: masks and optimizer state over the ranks (FSDP2 ``fully_shard``; docs/distributed.md)
+    parallel: str = attrs.field(default="ddp", validator=one_of("ddp", "fsdp"))
 
 
 @attrs.frozen

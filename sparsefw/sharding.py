@@ -44,10 +44,12 @@ __all__ = [
     "check_supported",
     "gather",
     "gathered_view",
+    "global_norm",
     "is_sharded",
     "local",
     "local_slice",
     "memory_per_rank",
+    "reshard",
     "shard_bounds",
     "to_dtensor",
 ]
@@ -57,7 +59,7 @@ SUPPORTED = {
     "mask_init": ("random", "dense", "nm"),
     "topology_update": ("rigl", "set", "static", "nm"),
     "gradient_correct": ("srste",),
-    "perturb": (),
+    "perturb": ("s2sam",),
 }
 
 #: forward masks (``[sparsity] kind = "forward"``) are verified with the N:M recipe only:
@@ -110,6 +112,37 @@ def shard_of(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     if not is_sharded(p):
         return full
     return full[local_slice(p)].contiguous()
+
+
+def global_norm(tensors: list[torch.Tensor], like: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all of ``tensors`` together, where ``tensors[i]`` is this rank's shard of
+    ``like[i]`` when that is a ``DTensor`` (then the shards' squares are summed over its mesh:
+    one all-reduce of one number, no host sync) and the whole tensor otherwise (counted once).
+    What SAM's global ``‖g‖`` (Foret et al., arXiv 2010.01412) is over sharded gradients."""
+    norms = torch._foreach_norm(tensors)
+    sharded = [is_sharded(t) for t in like]
+    if not any(sharded):
+        return torch.linalg.vector_norm(torch.stack(norms))
+    total = torch.stack([n for n, s in zip(norms, sharded, strict=True) if s]).double()
+    total = total.square().sum()
+    torch.distributed.all_reduce(total, group=like[sharded.index(True)].device_mesh.get_group())
+    whole = [n for n, s in zip(norms, sharded, strict=True) if not s]
+    if whole:
+        total = total + torch.stack(whole).double().square().sum()
+    return total.sqrt().to(norms[0].dtype)
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the unsharded parameters every ``fully_shard``-ed module of ``model`` still holds.
+    FSDP2 keeps the root's parameters unsharded after a forward until its backward; after a
+    forward without one (``torch.no_grad`` evaluation) they would stay, and the next forward
+    would use them instead of all-gathering the shards again, missing any in-place change to
+    the shards made since (an optimizer step, a perturbation written into them)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def to_dtensor(shard: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,9 @@ class _Applied:
     names: list[str]
     params: list[torch.Tensor]
     originals: list[torch.Tensor]
+    #: FSDP2: ``w + e`` written into the parameters' own (local shard) storage, which FSDP
+    #: all-gathers from; ``originals`` are copies of ``w`` that are copied back
+    in_place: bool = False
 
 
 class SparsifierError(RuntimeError):
@@ -312,6 +315,10 @@ class Sparsifier:
         st.forward_backward = self.forward_backward
         st.closure = self._missing("closure")
         st.train_batches = self._train_batches
+        if self.sharded:  # FSDP2: take the parameters by name while they are the sharded
+            # ones (after a forward without backward, the root's unsharded copies stand in)
+            sharding.reshard(self.model)
+            _ = st.named_params
         self._implicit_epochs = steps_per_epoch is not None
         self._manage_epochs = front_door != "trainer"
         self._epoch_started = False
@@ -335,7 +342,9 @@ class Sparsifier:
             hook = self._on_forward
             if hasattr(self.forward_model, "_orig_mod") or hasattr(model, "_orig_mod"):
                 hook = torch.compiler.disable(hook)  # runs eagerly before the compiled graph
-            self._handles.append(self.model.register_forward_pre_hook(hook))
+            # FSDP2's own pre-hook all-gathers the root's parameters: perturb them before it
+            self._handles.append(self.model.register_forward_pre_hook(hook,
+                                                                      prepend=self.sharded))
         self.compute = self._sparse_compute(sp.compute)
         if check_plugins is None:
             check_plugins = cfg.debug.check_plugins or os.environ.get(
@@ -576,13 +585,21 @@ class Sparsifier:
         left untouched, so :meth:`_put_back` restores the weights bit-exactly by swapping
         back — no copy of the weights and no copy back (``w + e − e`` is not always ``w`` in
         floating point, so subtracting would not do). Identity, ``.grad`` and optimizer state
-        of the parameters are unchanged; only what ``param.data`` points at."""
+        of the parameters are unchanged; only what ``param.data`` points at. Under FSDP2 the
+        shards' own storage is what FSDP all-gathers from, so ``w`` is copied into the second
+        buffer and ``w + e`` written into the shard in place; :meth:`_put_back` copies ``w``
+        back (bit-exact as well)."""
         names = list(dict.fromkeys(n for p in perts for n in p.params))
         if not names:
             return None
         named = self.state.named_params
         params = [named[n] for n in names]
         bufs = [self._spare_buffer(n, named[n]) for n in names]
+        if self.sharded:  # FSDP2 all-gathers from the shard's own storage: perturb it in place
+            sharding.reshard(self.model)  # no unsharded copy left to miss it
+            params = [sharding.local(p.detach()) for p in params]
+            torch._foreach_copy_(bufs, params)
+            bufs, saved = params, bufs
         if sum(len(p.params) for p in perts) == len(names):  # each name in one perturbation
             at = {n: i for i, n in enumerate(names)}
             for p in perts:
@@ -598,6 +615,8 @@ class Sparsifier:
                         delta = delta * p.scale
                     offsets[name] = offsets[name] + delta if name in offsets else delta
             offset_into(bufs, params, [offsets[n] for n in names])
+        if self.sharded:
+            return _Applied(names, [named[n] for n in names], saved, in_place=True)
         originals = [p.data for p in params]
         for p, b in zip(params, bufs, strict=True):
             p.data = b
@@ -606,6 +625,7 @@ class Sparsifier:
     def _spare_buffer(self, name: str, param: torch.Tensor) -> torch.Tensor:
         """A buffer like ``param`` (the perturbed storage of earlier steps, reused)."""
         buf = self._spare.pop(name, None)
+        param = sharding.local(param.detach())
         if (buf is None or buf.shape != param.shape or buf.dtype != param.dtype
                 or buf.device != param.device or buf.stride() != param.stride()):
             buf = torch.empty_like(param)
@@ -616,6 +636,11 @@ class Sparsifier:
         if applied is None:
             return
         with torch.no_grad():
+            if applied.in_place:
+                torch._foreach_copy_([sharding.local(p.detach()) for p in applied.params],
+                                     applied.originals)
+                self._spare.update(zip(applied.names, applied.originals, strict=True))
+                return
             for name, p, o in zip(applied.names, applied.params, applied.originals,
                                   strict=True):
                 self._spare[name] = p.data
@@ -632,6 +657,18 @@ class Sparsifier:
         pending = self._pending
         if pending is None:
             yield
+            return
+        if pending.in_place:  # FSDP2: swap the contents (the storage FSDP reads stays)
+            shards = [sharding.local(p.detach()) for p in pending.params]
+            with torch.no_grad():
+                perturbed = [s.clone() for s in shards]
+                torch._foreach_copy_(shards, pending.originals)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    sharding.reshard(self.model)  # a forward in the block left w unsharded
+                    torch._foreach_copy_(shards, perturbed)
             return
         with torch.no_grad():
             perturbed = [p.data for p in pending.params]
@@ -707,6 +744,8 @@ class Sparsifier:
         the gradients, run an after-backward topology update if due, the gradient
         corrections, and zero the pruned gradients (hard masks)."""
         st = self.state
+        if self.sharded:  # a forward since the backward (evaluation) left unsharded copies
+            sharding.reshard(self.model)
         self._restore()
         self._sparse_compute_active(False)
         if self._prepared_step != st.step:  # no forward seen (compiled hooks): prepare late
@@ -883,7 +922,7 @@ class Sparsifier:
             with torch.no_grad():
                 torch._foreach_copy_(originals, [t.to(p.device) for t, p in
                                                  zip(pending.values(), params, strict=True)])
-            self._pending = _Applied(names, params, originals)
+            self._pending = _Applied(names, params, originals, in_place=self.sharded)
 
     def remove_hooks(self) -> None:
         """Detach the forward hooks this Sparsifier put on the model (and the sparse-compute

@@ -33,6 +33,7 @@ from __future__ import annotations
 import attrs
 import torch
 
+from sparsefw import sharding
 from sparsefw.hookspecs import hookimpl
 from sparsefw.state import Perturbation
 from sparsefw_plugins.perturb.sam import SharpnessConfig, ascent_direction, fp16
@@ -86,7 +87,9 @@ class S2SAM:
         if self.last is None or self.last.keys() != grads.keys():
             self.last = {n: torch.empty_like(g) for n, g in grads.items()}
         names = list(grads)
-        torch._foreach_copy_([self.last[n] for n in names], [grads[n] for n in names])
+        # FSDP2: copied shard by shard (DTensor has no sharding rule for foreach copies)
+        torch._foreach_copy_([sharding.local(self.last[n]) for n in names],
+                             [sharding.local(grads[n]) for n in names])
 
     @hookimpl
     def sparsefw_round_end(self, state):

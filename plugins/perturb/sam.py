@@ -30,6 +30,7 @@ from __future__ import annotations
 import attrs
 import torch
 
+from sparsefw import sharding
 from sparsefw.config import in_range
 from sparsefw.hookspecs import hookimpl
 from sparsefw.masks import MaskSet
@@ -68,7 +69,10 @@ def ascent_direction(
 
     ``e = ρ·v/(‖v‖₂ + 1e-12)`` with ``v = g`` (SAM, Foret et al., arXiv 2010.01412), or
     ``e = ρ·T²g/(‖Tg‖₂ + 1e-12)`` with ``T = |w| + η`` (ASAM, Kwon et al., arXiv 2102.11600);
-    the norm is global over all names (one multi-tensor norm, no copy of ``g``). Unless
+    the norm is global over all names (one multi-tensor norm, no copy of ``g``). Under FSDP2
+    (``grads`` sharded ``DTensor`` objects) ``v`` holds this rank's shards (plain tensors) and
+    the norm sums the shards' squares over the ranks (:func:`sparsefw.sharding.global_norm`, one
+    all-reduce), so ``e`` is the single-process one, sliced. Unless
     ``perturb_pruned``, ``g`` is first multiplied by the hard/forward mask of each masked
     parameter (pruned entries get ``e = 0`` and do not enter the norm; ``premasked`` says the
     caller's gradients are already zero there). With a non-finite norm the scale is zero;
@@ -80,7 +84,8 @@ def ascent_direction(
     names = list(grads)
     if not names:
         return {}, None
-    g = [grads[n] for n in names]
+    like = [grads[n] for n in names]
+    g = [sharding.local(t) for t in like]  # FSDP2: this rank's shards, masks are local too
     if not perturb_pruned and not premasked:  # ``premasked``: pruned entries are already zero
         masked = [i for i, n in enumerate(names) if n in masks]
         if masked:
@@ -92,16 +97,16 @@ def ascent_direction(
                 for i, gi in zip(masked, torch._foreach_mul(gm, fm), strict=True):
                     g[i] = gi
     if adaptive:
-        t = [params[n].detach().abs() for n in names]
+        t = [sharding.local(params[n].detach()).abs() for n in names]
         if eta:
             torch._foreach_add_(t, eta)
         v = torch._foreach_mul(g, t)  # T g
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v)))
+        norm = sharding.global_norm(v, like)
         torch._foreach_mul_(v, t)  # T² g
         owned = True
     else:
         v = g
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v)))
+        norm = sharding.global_norm(v, like)
     scale = torch.where(torch.isfinite(norm), rho / (norm + 1e-12), torch.zeros_like(norm))
     if sanitize:
         if owned:

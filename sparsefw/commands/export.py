@@ -10,6 +10,11 @@ Default (dense storage), next to each other:
 * ``FILE`` with ``.masks.pt``: ``{parameter name: bool mask}``;
 * ``FILE`` with ``.json``: where it came from (run, step, model and data config, densities).
 
+A run trained with ``[train] parallel = "fsdp"`` has a distributed checkpoint directory
+(``checkpoint.dcp``) instead of ``checkpoint.pt``: its shards are gathered into whole tensors in
+this one process (no process group needed). ``RUN_DIR`` may also name a DCP directory itself
+(``sparsefw.distributed_checkpoint.save`` in a user's loop).
+
 ``--sparse`` stores ``FILE`` (default ``RUN_DIR/export/model.sparse.pt``) compactly instead: each
 masked tensor as a packed bitmask (1 bit per entry) plus its active values in row-major order,
 every other tensor as is. Decoding needs only torch (see :func:`unpack_sparse`, ten lines you
@@ -156,19 +161,29 @@ class Exported:
 
 def export_run(run_dir: str | Path, out: str | Path | None = None, *,
                sparse: bool = False, trust: bool = False) -> Exported:
-    """Export ``run_dir``'s ``checkpoint.pt`` (see the module docstring; ``trust``: load it
-    with full unpickling, unsafe)."""
+    """Export ``run_dir``'s ``checkpoint.pt``, or its distributed checkpoint
+    ``checkpoint.dcp`` (``[train] parallel = "fsdp"``; ``run_dir`` may also be a DCP directory
+    itself, written by :mod:`sparsefw.distributed_checkpoint`), see the module docstring;
+    ``trust``: load it with full unpickling, unsafe."""
     import torch
 
+    from sparsefw import distributed_checkpoint as dcp
     from sparsefw.engine import checkpoint
     from sparsefw.engine.checkpoint import CHECKPOINT
     from sparsefw.engine.rundir import read_run_info
 
     run_dir = Path(run_dir)
     ckpt = run_dir / CHECKPOINT
+    if dcp.is_distributed_checkpoint(run_dir):  # a DCP directory itself (its run: the parent)
+        ckpt, run_dir = run_dir, run_dir.parent
+    elif not ckpt.exists() and (run_dir / dcp.CHECKPOINT_DIR).exists():
+        ckpt = run_dir / dcp.CHECKPOINT_DIR  # a run with [train] parallel = "fsdp"
     if not ckpt.exists():
-        raise FileNotFoundError(f"{run_dir}: no {CHECKPOINT} to export")
-    payload = checkpoint.load(ckpt, trust=trust)
+        raise FileNotFoundError(f"{run_dir}: no {CHECKPOINT} or {dcp.CHECKPOINT_DIR} to export")
+    if ckpt.is_dir():  # every shard gathered into whole tensors, in this one process
+        payload = dcp.read_whole(ckpt, trust=trust)
+    else:
+        payload = checkpoint.load(ckpt, trust=trust)
     mask_state = payload.get("masks")
     if not isinstance(payload.get("model"), dict) or not (
             isinstance(mask_state, dict) and isinstance(mask_state.get("masks"), dict)):

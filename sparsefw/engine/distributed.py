@@ -7,6 +7,11 @@ global batch, split evenly over the ranks), so the averaged DDP gradient equals 
 single-process gradient of the global batch. Topology decisions therefore come from identical
 (all-reduced) gradients and identical random streams; :func:`check_masks_in_sync` verifies it
 after every update instead of assuming it.
+
+``[train] parallel = "fsdp"`` shards instead of replicating (:func:`fully_shard_layers`; FSDP2,
+Zhao et al., arXiv 2304.11277): the same launch, the same global batch split, masks sharded
+with their weights (:mod:`sparsefw.sharding`), checkpoints through
+:mod:`sparsefw.distributed_checkpoint`.
 """
 
 from __future__ import annotations
@@ -117,3 +122,42 @@ def check_in_sync(tensors: dict[str, torch.Tensor], ctx: DistContext, what: str)
             + "; every rank must take the same topology decision (use all-reduced quantities "
             "and state.generator for randomness)"
         )
+
+
+def check_fsdp(cfg) -> None:
+    """Refuse ``[train]`` settings the Trainer does not run under ``parallel = "fsdp"`` yet
+    (:class:`~sparsefw.sharding.NotSupportedUnderFSDP`, naming the setting)."""
+    from sparsefw.sharding import NotSupportedUnderFSDP
+
+    tc = cfg.train
+    refused = []
+    if tc.compile:
+        refused.append("[train] compile = true (torch.compile of a fully_shard-ed model)")
+    if tc.amp != "off":
+        refused.append(f"[train] amp = {tc.amp!r} (mixed precision needs FSDP's MixedPrecisionPolicy)")
+    if cfg.sparsity.kind != "hard":
+        refused.append(f"[sparsity] kind = {cfg.sparsity.kind!r} (the Trainer's own forward "
+                       "masking; forward masks run under FSDP in a user's loop with the "
+                       "Sparsifier)")
+    if cfg.optimizer.implementation == "fused":
+        refused.append('[optimizer] implementation = "fused" (no fused kernels for sharded '
+                       'DTensor parameters; "auto" takes "foreach" under FSDP)')
+    if tc.rounds > 1:
+        refused.append(f"[train] rounds = {tc.rounds} (lottery-ticket rewinding of sharded weights)")
+    if refused:
+        raise NotSupportedUnderFSDP(
+            'not supported by the Trainer under parallel = "fsdp" yet: ' + "; ".join(refused)
+            + ' — use parallel = "ddp" for these')
+
+
+def fully_shard_layers(model: torch.nn.Module, names) -> torch.nn.Module:
+    """``fully_shard`` every layer owning one of the weights ``names`` (each layer its own
+    all-gather group, ``Shard(0)``), then the root (the remaining parameters)."""
+    from torch.distributed.fsdp import fully_shard
+
+    owners = {n.rsplit(".", 1)[0] for n in names}
+    for mod_name, module in model.named_modules():
+        if mod_name in owners and mod_name:
+            fully_shard(module)
+    fully_shard(model)
+    return model

@@ -13,15 +13,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 import torch.nn.functional as F
 
+from sparsefw import distributed_checkpoint, sharding
 from sparsefw.config import ConfigError, RunConfig
 from sparsefw.engine import checkpoint, distributed
 from sparsefw.engine.guard import DivergenceGuard
 from sparsefw.engine.loaders import BatchSource
 from sparsefw.engine.optim import build_lr_schedule, build_optimizer
 from sparsefw.engine.rundir import make_run_dir, write_run_info
+from sparsefw.masks import sparsifiable_params
 from sparsefw.plugins import Catalogue, RunPlugins
 from sparsefw.sparsifier import MASK_DECAY, TOPOLOGY_PHASES, Sparsifier
 
@@ -64,6 +67,10 @@ class Trainer:
         data_entry = reg.get("dataset", cfg.data.name)
         self.data = data_entry.build(cfg.data.options)
         tc = cfg.train
+        #: ``[train] parallel = "fsdp"``: parameters, masks and optimizer state sharded
+        self.fsdp = tc.parallel == "fsdp"
+        if self.fsdp:
+            distributed.check_fsdp(cfg)
         if tc.batch_size % self.dist.world_size:
             raise ConfigError([f"{config_source}: [train] batch_size {tc.batch_size} (the global "
                                f"batch) must divide evenly over {self.dist.world_size} ranks"])
@@ -87,11 +94,13 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         wrapped = model
-        if self.dist.enabled:
+        if self.fsdp and self.dist.enabled:  # every Linear/Conv layer its own FSDP group
+            distributed.fully_shard_layers(model, sparsifiable_params(model))
+        elif self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.forward_model = torch.compile(wrapped) if tc.compile else wrapped
-        if self.dist.enabled:  # plugins' extra passes run on the local model, without DDP
+        if self.dist.enabled and not self.fsdp:  # plugins' extra passes: local model, no DDP
             self.local_model = torch.compile(model) if tc.compile else model
         else:
             self.local_model = self.forward_model
@@ -105,7 +114,10 @@ class Trainer:
         later = self.steps_per_round - self.round_start
         total = self.steps_per_round + (tc.rounds - 1) * later
         self.total_steps = min(total, tc.max_steps) if tc.max_steps else total
-        self.optimizer = build_optimizer(cfg.optimizer, model.parameters(), self.device)
+        opt_cfg = cfg.optimizer
+        if self.fsdp and opt_cfg.implementation == "auto":  # no fused kernels for DTensors
+            opt_cfg = attrs.evolve(opt_cfg, implementation="foreach")
+        self.optimizer = build_optimizer(opt_cfg, model.parameters(), self.device)
         self.lr_schedule = build_lr_schedule(
             cfg.lr_schedule, self.optimizer, min(self.steps_per_round, self.total_steps),
             self.steps_per_epoch, iteration=lambda s: self.position(s)[1],
@@ -223,12 +235,22 @@ class Trainer:
         self.model.eval()
         loss = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
-        n = 0
+        n, batches, x = 0, 0, None
         for x, y in self.test_source.epoch():
             out = self.forward(x).float()
             loss += F.cross_entropy(out, y, reduction="sum").double()
             correct += (out.argmax(1) == y).sum()
             n += y.numel()
+            batches += 1
+        if self.fsdp and self.dist.enabled and x is not None:
+            # FSDP's forwards are collectives: a rank with one batch fewer of the round-robin
+            # test split runs one more forward (its output unused)
+            bs, world = self.cfg.train.eval_batch_size, self.dist.world_size
+            most = -(-len(range(0, self.test_source.n, world)) // bs)
+            for _ in range(most - batches):
+                self.forward(x[:1])
+        if self.fsdp and self.dist.enabled:  # no backward frees the root's unsharded weights
+            sharding.reshard(self.model)
         totals = torch.stack([loss, correct.double(), torch.tensor(float(n), device=self.device,
                                                                   dtype=torch.float64)])
         lv, cv, n = distributed.all_reduce_sum_(totals, self.dist).tolist()
@@ -246,9 +268,20 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint.pt`` atomically into the run directory (the one it replaces
-        is kept as ``checkpoint.prev.pt``); never when the weights are non-finite."""
+        is kept as ``checkpoint.prev.pt``); never when the weights are non-finite. Under
+        ``parallel = "fsdp"``: the distributed checkpoint ``checkpoint.dcp`` (kept previous:
+        ``checkpoint.prev.dcp``; :func:`sparsefw.distributed_checkpoint.save_atomic`)."""
         st = self.state
-        self.guard.check_weights(st.step, self._parameters)
+        # (FSDP2 swaps the registered parameters between sharded and whole: list them each time)
+        self.guard.check_weights(
+            st.step, self.model.parameters() if self.fsdp else self._parameters)
+        if self.fsdp:
+            extra = {"lr_schedule": self.lr_schedule.state_dict(),
+                     "scaler": self.scaler.state_dict(),
+                     "rng": checkpoint.rng_states(st.generator), "acc": self._acc,
+                     "guard": self.guard.state_dict()}
+            return distributed_checkpoint.save_atomic(self.run_dir, self.model, self.optimizer,
+                                                      self.sparsifier, extra, step=st.step)
         payload = {
             "step": st.step,
             "epoch": st.epoch,
@@ -273,6 +306,9 @@ class Trainer:
     def load_checkpoint(self, path: str | Path, *, trust: bool = False) -> None:
         """Restore everything :meth:`save_checkpoint` wrote; training continues from there.
         ``trust`` loads with full unpickling (unsafe; see :func:`checkpoint.load`)."""
+        if self.fsdp:
+            self._load_distributed_checkpoint(Path(path), trust)
+            return
         payload = checkpoint.load(path, map_location=self.device, trust=trust)
         checkpoint.check_payload(path, payload, self.model)
         st = self.state
@@ -290,6 +326,26 @@ class Trainer:
         self.sparsifier.load_lifecycle_state(payload.get("lifecycle", {}))
         self.plugins.load_states(st, payload["plugins"])
         self.guard.load_state_dict(payload.get("guard", {}))
+        self.resumed = True
+
+    def _load_distributed_checkpoint(self, path: Path, trust: bool) -> None:
+        """Restore what :meth:`save_checkpoint` wrote under ``parallel = "fsdp"``, resharded
+        to this run's ranks (CRC-32 of every file checked first)."""
+        if not (path / ".metadata").is_file():
+            raise checkpoint.CheckpointError(
+                f'{path}: not a distributed checkpoint; [train] parallel = "fsdp" resumes from '
+                f"{distributed_checkpoint.CHECKPOINT_DIR}")
+        distributed_checkpoint.verify(path)
+        st = self.state
+        extra = distributed_checkpoint.load(path, self.model, self.optimizer, self.sparsifier,
+                                            trust=trust)
+        self.lr_schedule.load_state_dict(extra["lr_schedule"])
+        self.scaler.load_state_dict(extra["scaler"])
+        checkpoint.set_rng_states(extra["rng"], st.generator)
+        self._acc = {k: v.to(self.device) if torch.is_tensor(v) else v
+                     for k, v in extra["acc"].items()}
+        self.guard.load_state_dict(extra.get("guard", {}))
+        st.round = self.position(st.step)[0]
         self.resumed = True
 
     # ------------------------------------------------------------------ the run
@@ -370,8 +426,9 @@ class Trainer:
                     self.save_checkpoint()  # epoch ends checkpoint after their evaluation
             if epoch_end:
                 self.plugins.hook.sparsefw_epoch_end(state=st)
-                distributed.check_in_sync(dict(self.model.named_parameters()), self.dist,
-                                          "the weights")
+                if not self.fsdp:  # FSDP: each rank holds other shards (masks are checked)
+                    distributed.check_in_sync(dict(self.model.named_parameters()), self.dist,
+                                              "the weights")
                 metrics = self.evaluate()
                 metrics["time/elapsed_s"] = time.perf_counter() - started
                 self.plugins.hook.sparsefw_eval_end(state=st, metrics=metrics)
@@ -398,7 +455,8 @@ def train(
     (``trust_checkpoint``: load its checkpoint with full unpickling, unsafe)."""
     if resume is not None:
         run_dir = Path(resume)
-        ckpt = checkpoint.resume_path(resume)
+        ckpt = (distributed_checkpoint.resume_path(resume) if cfg.train.parallel == "fsdp"
+                else checkpoint.resume_path(resume))
     trainer = Trainer(cfg, catalogue, run_dir=run_dir, raw_config=raw_config,
                       config_source=config_source)
     if resume is not None:
