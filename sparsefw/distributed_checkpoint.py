@@ -266,15 +266,9 @@ def save_atomic(run_dir: str | Path, model, optimizer, sparsifier, extra: dict |
 def resume_path(run_dir: str | Path) -> Path:
     """The distributed checkpoint a resume of ``run_dir`` reads: ``checkpoint.dcp``, or the
     kept previous one when a kill fell between the two renames of a write."""
-    from sparsefw.engine.checkpoint import CheckpointError
+    from sparsefw.engine import checkpoint
 
-    run_dir = Path(run_dir)
-    current, prev = run_dir / CHECKPOINT_DIR, run_dir / PREVIOUS_DIR
-    if not current.exists() and prev.exists():
-        return prev
-    if not current.exists():
-        raise CheckpointError(f"{run_dir}: no {CHECKPOINT_DIR} there (did the run write one?)")
-    return current
+    return checkpoint.resume_path(run_dir, CHECKPOINT_DIR, PREVIOUS_DIR)
 
 
 def is_distributed_checkpoint(path: str | Path) -> bool:

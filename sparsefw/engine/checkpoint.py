@@ -225,16 +225,18 @@ def check_payload(path: str | Path, payload: dict[str, Any], model: torch.nn.Mod
         raise CheckpointError(f"{path} was written for a different model: {shown}")
 
 
-def resume_path(run_dir: str | Path) -> Path:
-    """The checkpoint a resume of ``run_dir`` reads: ``checkpoint.pt``, or the kept previous
-    one when a kill fell between the two renames of a write and left only that."""
+def resume_path(run_dir: str | Path, current: str = CHECKPOINT,
+                previous: str = PREVIOUS) -> Path:
+    """The checkpoint a resume of ``run_dir`` reads: ``current`` (``checkpoint.pt``), or the
+    kept ``previous`` one when a kill fell between the two renames of a write and left only
+    that. (A distributed checkpoint passes its directory names.)"""
     run_dir = Path(run_dir)
-    current, prev = run_dir / CHECKPOINT, run_dir / PREVIOUS
-    if not current.exists() and prev.exists():
+    now, prev = run_dir / current, run_dir / previous
+    if not now.exists() and prev.exists():
         return prev
-    if not current.exists():
-        raise CheckpointError(f"{run_dir}: no {CHECKPOINT} there (did the run write one?)")
-    return current
+    if not now.exists():
+        raise CheckpointError(f"{run_dir}: no {current} there (did the run write one?)")
+    return now
 
 
 def write_json(path: str | Path, data: Any) -> None:
