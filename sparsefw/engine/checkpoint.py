@@ -1,14 +1,16 @@
 """Checkpoint files: atomic writes, the kept previous checkpoint, integrity checks and safe
 loading; plus RNG state capture.
 
-Writing. A checkpoint is written to a temporary file in the same directory, flushed and fsynced,
-and verified to be a complete archive (it ends with the zip directory that torch writes last,
-after every record and its checksum); only then does the current checkpoint move aside to
-``checkpoint.prev.pt`` and the new file take its name (``os.replace``, atomic on POSIX), and the directory is fsynced. A crash or a kill at any
-point leaves complete checkpoints only: the current one, the previous one, or (killed between the
-two renames) the previous one alone, which :func:`resume_path` then picks. A failed write (disk
-full, file-size limit, read-only file system) raises :class:`CheckpointWriteError` naming the
-cause, and leaves the existing checkpoints as they were.
+Writing. A checkpoint is written to a temporary file in the same directory and flushed; the
+kernel is asked to start writing it to disk, and while it does, the file is verified to be a
+complete archive (it ends with the zip directory that torch writes last, after every record and
+its checksum) and the caller's own check runs (the trainer's: the weights are finite). Then the
+file is fsynced; only then does the current checkpoint move aside to ``checkpoint.prev.pt`` and
+the new file take its name (``os.replace``, atomic on POSIX), and the directory is fsynced. A
+crash or a kill at any point leaves complete checkpoints only: the current one, the previous one,
+or (killed between the two renames) the previous one alone, which :func:`resume_path` then picks.
+A failed write (disk full, file-size limit, read-only file system) raises
+:class:`CheckpointWriteError` naming the cause, and leaves the existing checkpoints as they were.
 
 Integrity. ``torch.save`` writes a zip archive in which every record (the pickled structure and
 each tensor's bytes) carries a CRC-32 of its contents, computed while writing at no extra cost.
@@ -30,6 +32,7 @@ import os
 import pickle
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +69,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _start_writeback(f) -> None:
+    """Ask the kernel to start writing ``f``'s dirty pages to disk now (Linux
+    ``posix_fadvise(DONTNEED)`` starts the write-back without waiting for it), so that checks
+    run while the bytes travel and the ``fsync`` after them waits less."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is not None:
+        advise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def atomic_write(path: str | Path, write, *, keep: str | Path | None = None,
                  check=None) -> None:
     """Call ``write(fileobj)`` on a temporary file, then atomically rename it to ``path``.
     ``check(fileobj)``, if given, runs on the written temporary file (open for reading too,
-    before it is fsynced) and may raise to abandon it. With ``keep``, an existing ``path`` is first renamed to ``keep`` (after the new file is
-    complete, fsynced and checked, so ``keep`` is only ever replaced by a complete older
+    before it is fsynced, while its write-back to disk is under way) and may raise to abandon
+    it. With ``keep``, an existing ``path`` is first renamed to ``keep`` (after the new file
+    is complete, fsynced and checked, so ``keep`` is only ever replaced by a complete older
     file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,10 +94,14 @@ def atomic_write(path: str | Path, write, *, keep: str | Path | None = None,
             write(f)
             f.flush()
             if check is not None:
+                _start_writeback(f)
                 check(f)
             os.fsync(f.fileno())
-        if keep is not None and path.exists():
-            os.replace(path, keep)
+        if keep is not None:
+            try:
+                os.replace(path, keep)
+            except FileNotFoundError:  # the first write: nothing to keep
+                pass
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -131,15 +148,32 @@ def _complete_archive(f) -> None:
         raise OSError("the new file did not verify: it does not end as a complete archive")
 
 
-def save(path: str | Path, payload: dict[str, Any], *, keep_previous: bool = True) -> None:
+class _Refused(Exception):
+    """Carries what a caller's ``verify`` raised through :func:`save`'s error translation."""
+
+
+def save(path: str | Path, payload: dict[str, Any], *, keep_previous: bool = True,
+         verify: Callable[[], None] | None = None) -> None:
     """Atomically ``torch.save`` ``payload`` to ``path`` once the new file verifies as a
-    complete archive; the file it replaces becomes ``checkpoint.prev.pt`` beside it
-    (``keep_previous``)."""
+    complete archive and ``verify()`` (the caller's own check, e.g. that the weights are
+    finite; run while the file is written back to disk) returns; what ``verify`` raises
+    propagates unchanged and nothing is replaced. The file it replaces becomes
+    ``checkpoint.prev.pt`` beside it (``keep_previous``)."""
     path = Path(path)
     keep = path.with_name(PREVIOUS) if keep_previous else None
+
+    def check(f) -> None:
+        _complete_archive(f)
+        if verify is not None:
+            try:
+                verify()
+            except Exception as exc:
+                raise _Refused() from exc
+
     try:
-        atomic_write(path, lambda f: torch.save(payload, f), keep=keep,
-                     check=_complete_archive)
+        atomic_write(path, lambda f: torch.save(payload, f), keep=keep, check=check)
+    except _Refused as refused:
+        raise refused.__cause__ from None
     except (OSError, RuntimeError) as exc:
         cause = _os_cause(exc)
         why = (f"{cause.strerror or cause}" if cause is not None else str(exc).splitlines()[0])

@@ -272,10 +272,9 @@ class Trainer:
         ``parallel = "fsdp"``: the distributed checkpoint ``checkpoint.dcp`` (kept previous:
         ``checkpoint.prev.dcp``; :func:`sparsefw.distributed_checkpoint.save_atomic`)."""
         st = self.state
-        # (FSDP2 swaps the registered parameters between sharded and whole: list them each time)
-        self.guard.check_weights(
-            st.step, self.model.parameters() if self.fsdp else self._parameters)
         if self.fsdp:
+            # (FSDP2 swaps the registered parameters between sharded and whole: list them)
+            self.guard.check_weights(st.step, self.model.parameters())
             extra = {"lr_schedule": self.lr_schedule.state_dict(),
                      "scaler": self.scaler.state_dict(),
                      "rng": checkpoint.rng_states(st.generator), "acc": self._acc,
@@ -298,8 +297,13 @@ class Trainer:
             "guard": self.guard.state_dict(),
         }
         path = self.run_dir / checkpoint.CHECKPOINT
-        if self.dist.is_main:
-            checkpoint.save(path, payload)
+        def weights_finite() -> None:  # every rank raises alike (no rank waits in the barrier)
+            self.guard.check_weights(st.step, self._parameters)
+
+        if self.dist.is_main:  # (the weights are checked while the file goes to disk)
+            checkpoint.save(path, payload, verify=weights_finite)
+        else:
+            weights_finite()
         distributed.barrier(self.dist)
         return path
 
