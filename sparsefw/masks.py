@@ -23,12 +23,26 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
 from sparsefw import sharding
 from sparsefw.config import MASK_KINDS
 
+#: tensors at least this large are edited at indices through numpy views on the CPU
+NUMPY_MIN_NUMEL = 1 << 16
+_NUMPY_DTYPES = (torch.bool, torch.float32, torch.float64, torch.float16)
+
+
+def flat_numpy(t: torch.Tensor) -> np.ndarray | None:
+    """A flat zero-copy numpy view of ``t`` when numpy is the faster way to gather and
+    scatter at ~10^5 indices (several times faster than torch's CPU index kernels): a large
+    contiguous CPU tensor of a dtype numpy has; else None (use torch)."""
+    if (t.device.type != "cpu" or t.numel() < NUMPY_MIN_NUMEL or not t.is_contiguous()
+            or t.dtype not in _NUMPY_DTYPES):
+        return None
+    return t.detach().numpy().reshape(-1)
 _SPARSIFIABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -131,6 +145,9 @@ class MaskSet:
         #: names whose mask may hold a zero: the only layers the per-step arithmetic touches
         self._sparse: list[str] = list(self.params)
         self._lists_cache: tuple[list, list] | None = None
+        #: per layer, how its mask changed since :meth:`take_edits`: the flat indices
+        #: :meth:`update_at` edited, or None (replaced whole)
+        self._edits: dict[str, list[torch.Tensor] | None] = {}
         self._refresh_all()
 
     # ------------------------------------------------------------------ access
@@ -150,6 +167,7 @@ class MaskSet:
         if name not in self._sparse:  # conservatively: it may hold zeros now
             self._sparse.append(name)
         self._lists_cache = None
+        self._edits[name] = None
 
     def refresh_sparse_layers(self) -> None:
         """Find the layers whose mask is all ones, with one host sync, so that the per-step
@@ -207,11 +225,17 @@ class MaskSet:
         return self._lists_cache
 
     @torch.no_grad()
-    def apply_(self) -> None:
-        """Zero the pruned weights (hard masking; a no-op for forward masking)."""
+    def apply_(self, names: Iterable[str] | None = None) -> None:
+        """Zero the pruned weights (hard masking; a no-op for forward masking); of the layers
+        ``names`` only, if given."""
         if self.kind != "hard":
             return
         params, masks = self._lists()
+        if names is not None:
+            chosen = set(names)
+            pairs = [(self.local_param(n), self._float[n]) for n in self.params
+                     if n in self._sparse and n in chosen]
+            params, masks = ([p for p, _ in pairs], [m for _, m in pairs])
         if params:
             torch._foreach_mul_(params, masks)
 
@@ -249,6 +273,48 @@ class MaskSet:
             for value in optimizer.state.get(p, {}).values():
                 if torch.is_tensor(value) and value.shape == p.shape:
                     sharding.local(value).mul_(keep.to(value.dtype))
+
+    @torch.no_grad()
+    def zero_at(
+        self,
+        name: str,
+        idx: torch.Tensor,
+        old: torch.Tensor,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> bool:
+        """:meth:`zero_where` for a mask edited only at the flat indices ``idx`` (long; may
+        repeat) since it was ``old``, then :meth:`apply_` of that layer, touching those entries
+        only: the weight and every same-shaped optimizer state tensor are zeroed at ``idx``
+        except where the mask is active both before and after (a dropped and re-grown entry
+        keeps its value). Entries outside ``idx`` did not change, so they are already right.
+        Returns False, doing nothing, when a tensor is not contiguous (flat indices do not
+        address it); the caller then takes the whole-mask route."""
+        p = self.params[name]
+        tensors = [p.data] + ([v for v in optimizer.state.get(p, {}).values()
+                               if torch.is_tensor(v) and v.shape == p.shape]
+                              if optimizer is not None else [])
+        if sharding.is_sharded(p) or not all(t.is_contiguous() for t in tensors):
+            return False
+        new = self.masks[name]
+        views = [flat_numpy(t) for t in (old, new, *tensors)]
+        if all(v is not None for v in views):
+            i = idx.numpy()
+            zero = i[~(views[0][i] & views[1][i])]
+            for v in views[2:]:
+                v[zero] = 0
+            return True
+        keep = old.reshape(-1)[idx] & new.reshape(-1)[idx]
+        for t in tensors:
+            flat = t.view(-1)
+            flat.index_copy_(0, idx, flat.index_select(0, idx) * bool_to(keep, t.dtype))
+        return True
+
+    def take_edits(self) -> dict[str, torch.Tensor | None]:
+        """The layers whose mask changed since the last call, and how: the flat indices
+        :meth:`update_at` edited (one long tensor; an index may repeat), or None for a mask
+        replaced whole (:meth:`update`, :meth:`update_local`); the record starts afresh."""
+        edits, self._edits = self._edits, {}
+        return {n: None if e is None else torch.cat(e) for n, e in edits.items()}
 
     def effective(self) -> dict[str, torch.Tensor]:
         """Forward masking: the weights the forward pass uses, ``w ⊙ m_eff`` with a
@@ -298,11 +364,19 @@ class MaskSet:
             fmask = self._float[name] = fmask.contiguous()
             self._lists_cache = None
         for m, off, on in ((mask, False, True), (fmask, 0, 1)):
-            m.view(-1).index_fill_(0, drop, off).index_fill_(0, grow, on)
+            flat = flat_numpy(m)
+            if flat is not None:
+                flat[drop.numpy()] = off
+                flat[grow.numpy()] = on
+            else:
+                m.view(-1).index_fill_(0, drop, off).index_fill_(0, grow, on)
         self.masks[name] = mask
         if name not in self._sparse:  # conservatively: it may hold zeros now
             self._sparse.append(name)
             self._lists_cache = None
+        edits = self._edits.setdefault(name, [])
+        if edits is not None:  # (None: replaced whole since, which covers these too)
+            edits += [drop, grow]
 
     # ------------------------------------------------------------------ accounting
     def active_counts(self) -> torch.Tensor:

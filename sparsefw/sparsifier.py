@@ -540,16 +540,22 @@ class Sparsifier:
         st = self.state
         hard = self.masks.kind == "hard"
         before = {n: m.clone() for n, m in self.masks.masks.items()} if hard else {}
+        self.masks.take_edits()  # (forget edits made outside an update)
         with self._whole_layers() as masks:
             change = (self.checker.topology_update() if self.checker is not None
                       else self.plugins.hook.sparsefw_topology_update(state=st))
             distributed.check_in_sync(masks.masks, self.dist, "the mask")
         self._take_whole_masks(masks)
+        edits = self.masks.take_edits()
         # hard masks: dropped and grown entries restart at zero with zero optimizer state;
-        # forward masks keep the dense weights as they are
-        for n, old in before.items():
-            self.masks.zero_where(n, old ^ self.masks.masks[n], self.optimizer)
-        self.masks.apply_()
+        # forward masks keep the dense weights as they are. A layer edited at indices only
+        # (MaskSet.update_at) is fixed up at those indices; any other layer whole.
+        whole = [n for n, old in before.items()
+                 if edits.get(n) is None
+                 or not self.masks.zero_at(n, edits[n], old, self.optimizer)]
+        for n in whole:
+            self.masks.zero_where(n, before[n] ^ self.masks.masks[n], self.optimizer)
+        self.masks.apply_(whole if hard else None)
         if self.compute is not None:
             self.compute.repack()
         if change is None:

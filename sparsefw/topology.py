@@ -40,6 +40,7 @@ import torch
 
 from sparsefw.config import in_range, one_of
 from sparsefw.hookspecs import hookimpl
+from sparsefw.masks import flat_numpy
 from sparsefw.schedules import cosine_remaining, linear_remaining, progress
 from sparsefw.state import TopologyChange, UpdateInterval
 
@@ -48,6 +49,24 @@ DECAYS = ("cosine", "constant", "linear")
 
 
 # ------------------------------------------------------------------------------ selection
+class Magnitudes(Sequence[torch.Tensor]):
+    """Per-layer scores ``|x|``, held as the signed tensors ``x`` (:attr:`signed`). Reading an
+    entry builds its absolute values; :func:`select_indices` never does: it compares ``x``
+    with ``±t`` on large CPU layers, which saves a pass and a layer-sized allocation. What
+    :meth:`DropGrow.drop_scores` (``|w|``) and :func:`grad_abs` (``|∇L|``) answer."""
+
+    def __init__(self, signed: Sequence[torch.Tensor]):
+        self.signed = list(signed)
+
+    def __len__(self) -> int:
+        return len(self.signed)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [x.abs() for x in self.signed[i]]
+        return self.signed[i].abs()
+
+
 def select_per_segment(
     scores: Sequence[torch.Tensor],
     candidates: Sequence[torch.Tensor],
@@ -69,20 +88,21 @@ def select_per_segment(
     if not scores:
         return []
     fill = -math.inf if largest else math.inf
+    if not torch.is_tensor(k):
+        out = []
+        for c, idx in zip(candidates, select_indices(scores, candidates, k, largest=largest),
+                          strict=True):
+            chosen = torch.zeros(c.numel(), dtype=torch.bool, device=c.device)
+            chosen[idx] = True
+            out.append(chosen.view_as(c))
+        return out
+    scores = list(scores)  # (Magnitudes: built once)
     if single_segment:
         sizes = [s.numel() for s in scores]
         flat = torch.cat([s.reshape(-1).float() for s in scores])
         cand = torch.cat([c.reshape(-1) for c in candidates])
         chosen = _select(flat, cand, k.reshape(()), largest, fill)
         return [c.view_as(s) for c, s in zip(chosen.split(sizes), scores, strict=True)]
-    if not torch.is_tensor(k):
-        out = []
-        for s, c, idx in zip(scores, candidates, select_indices(scores, candidates, k,
-                                                               largest=largest), strict=True):
-            chosen = torch.zeros(s.numel(), dtype=torch.bool, device=c.device)
-            chosen[idx] = True
-            out.append(chosen.view_as(s))
-        return out
     # one sort per layer (a segmented sort by layer id is slow on CPU: stable sorts of keys with
     # many duplicates); still no host sync, the counts stay on the device
     return [
@@ -120,8 +140,11 @@ def select_indices(
     ``scores[i]``, the same entries and tie rule. Cheaper than the bool masks when the
     caller edits masks at those indices (:meth:`DropGrow.update_by_index`).
 
-    ``magnitude``: the scores are ``|scores[i]|``; large CPU layers then compare ``scores[i]``
-    with ``±t`` instead of building the absolute values."""
+    ``magnitude`` (implied by :class:`Magnitudes` scores): the scores are ``|scores[i]|``;
+    large CPU layers then compare ``scores[i]`` with ``±t`` instead of building the absolute
+    values."""
+    if isinstance(scores, Magnitudes):
+        scores, magnitude = scores.signed, True
     fill = -math.inf if largest else math.inf
     return [_select_topk(s.reshape(-1).float(), c.reshape(-1), int(k[i]), largest, fill,
                          magnitude)
@@ -149,7 +172,7 @@ def _select_topk(flat, cand, k: int, largest, fill, magnitude=False) -> torch.Te
 #: layers with at least this many entries select by :func:`_select_sampled` on the CPU
 SAMPLED_MIN_NUMEL = 1 << 16
 #: scores drawn (with replacement, fixed seed) to place the pre-filter threshold
-_SAMPLE = 1 << 15
+_SAMPLE = 1 << 13
 
 
 @functools.lru_cache(maxsize=32)
@@ -216,12 +239,7 @@ def _select_sampled(flat, cand, k: int, largest: bool, magnitude: bool = False
         t = np.partition(v, r - 1)[r - 1]
     if np.isnan(t):
         return None
-    worse = np.less(s, t) if largest else np.greater(s, t)
-    if magnitude and largest:
-        worse &= np.greater(s, -t)
-    elif magnitude:
-        worse |= np.less(s, -t)
-    idx = _flatnonzero(np.greater(c, worse, out=worse))  # c > worse: a candidate, not worse
+    idx = _kept(s, c, t, largest, magnitude)
     if idx.size < k:
         return None
     vals = s.take(idx)
@@ -233,6 +251,29 @@ def _select_sampled(flat, cand, k: int, largest: bool, magnitude: bool = False
     if not ok:
         return None
     return torch.from_numpy(idx[best])
+
+
+#: entries per block of :func:`_kept`'s passes (a block's arrays stay in the L2 cache)
+_BLOCK = 1 << 16
+
+
+def _kept(s: np.ndarray, c: np.ndarray, t, largest: bool, magnitude: bool) -> np.ndarray:
+    """Flat indices, increasing, of the candidates ``c`` whose score in ``s`` is not strictly
+    worse than ``t`` (step 2 of :func:`_select_sampled`). The comparisons run block by block,
+    so that each block's intermediate arrays are still in the cache for the next pass (~8%
+    faster than whole-array passes, which are bound by memory bandwidth)."""
+    kept = np.empty(s.size, dtype=np.bool_)
+    other = np.empty(min(_BLOCK, s.size), dtype=np.bool_)
+    first = np.less if largest else np.greater
+    for a in range(0, s.size, _BLOCK):
+        sb, cb = s[a:a + _BLOCK], c[a:a + _BLOCK]
+        worse = first(sb, t, out=kept[a:a + _BLOCK])
+        if magnitude and largest:
+            worse &= np.greater(sb, -t, out=other[:sb.size])
+        elif magnitude:
+            worse |= np.less(sb, -t, out=other[:sb.size])
+        np.greater(cb, worse, out=worse)  # c > worse: a candidate, not worse
+    return _flatnonzero(kept)
 
 
 def _best_kept(vals: np.ndarray, k: int, largest: bool) -> tuple[np.ndarray, int]:
@@ -343,8 +384,9 @@ class DropGrow:
 
     # ------------------------------------------------------------ method-specific pieces
     def drop_scores(self, state, names: list[str]) -> list[torch.Tensor]:
-        """Scores of every entry, per layer; the smallest active ones are dropped. ``|w|``."""
-        return [state.masks.params[n].detach().abs() for n in names]
+        """Scores of every entry, per layer; the smallest active ones are dropped. ``|w|``
+        (as :class:`Magnitudes`)."""
+        return Magnitudes(state.masks.params[n].detach() for n in names)
 
     def grow_scores(self, state, names: list[str]) -> list[torch.Tensor]:
         """Scores of every entry, per layer; the largest inactive ones grow."""
@@ -410,12 +452,7 @@ class DropGrow:
         """:meth:`drop_grow` with host counts, answered as flat indices per layer: ``(dropped,
         grown)``, long tensors (in no particular order). The new mask is ``masks[i]`` with
         ``dropped`` cleared, then ``grown`` set (an entry in both was re-grown: it stays)."""
-        if type(self).drop_scores is DropGrow.drop_scores:  # |w|, without building it
-            weights = [state.masks.params[n].detach() for n in names]
-            dropped = select_indices(weights, masks, k_drop, largest=False, magnitude=True)
-        else:
-            dropped = select_indices(self.drop_scores(state, names), masks, k_drop,
-                                     largest=False)
+        dropped = select_indices(self.drop_scores(state, names), masks, k_drop, largest=False)
         cand = [(~m).contiguous() for m in masks]
         if self.cfg.regrow_dropped:  # inactive after the drop
             for c, d in zip(cand, dropped, strict=True):
@@ -443,7 +480,7 @@ class DropGrow:
                               dtype=torch.long).to(active.device)
         for n, (d, g) in zip(names, changes, strict=True):
             state.masks.update_at(n, d, g)
-        self.explore(names, old, [state.masks.masks[n] for n in names])
+        self.explore_at(names, old, [g for _, g in changes])
         return self.report(state, names, chosen[:, 0] - regrown, chosen[:, 1] - regrown)
 
     def commit(self, state, names: list[str], old: list[torch.Tensor], new: list[torch.Tensor]):
@@ -477,6 +514,19 @@ class DropGrow:
             if n not in self.explored:
                 self.explored[n] = o.clone()
             self.explored[n] |= m
+
+    def explore_at(self, names, old, grown) -> None:
+        """:meth:`explore` for masks edited at indices: of the new mask only the ``grown``
+        entries (flat indices per layer) can be active and not yet explored."""
+        for n, o, g in zip(names, old, grown, strict=True):
+            if n not in self.explored:
+                self.explored[n] = o.clone(memory_format=torch.contiguous_format)
+            e = self.explored[n]
+            flat = flat_numpy(e)
+            if flat is not None:
+                flat[g.numpy()] = True
+            else:
+                e.view(-1).index_fill_(0, g, True)
 
     def itop_rate(self) -> torch.Tensor:
         """R_s: fraction of all sparsifiable entries that were ever active (0-d device tensor)."""
@@ -558,13 +608,11 @@ def reallocate(freed: int, surviving: list[float], room: list[int]) -> list[int]
 
 
 # ------------------------------------------------------------------------------ score helpers
-def grad_abs(state, names: list[str]) -> list[torch.Tensor]:
-    """``|∇L|`` per layer (zeros where a parameter has no gradient)."""
-    out = []
-    for n in names:
-        p = state.masks.params[n]
-        out.append(p.grad.detach().abs() if p.grad is not None else torch.zeros_like(p))
-    return out
+def grad_abs(state, names: list[str]) -> Magnitudes:
+    """``|∇L|`` per layer (zeros where a parameter has no gradient), as :class:`Magnitudes`."""
+    params = [state.masks.params[n] for n in names]
+    return Magnitudes(p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+                      for p in params)
 
 
 def random_scores(state, names: list[str]) -> list[torch.Tensor]:
@@ -578,6 +626,6 @@ def random_scores(state, names: list[str]) -> list[torch.Tensor]:
 
 
 __all__ = [
-    "DECAYS", "DropGrow", "DropGrowConfig", "cosine_fraction", "counts", "grad_abs",
-    "random_scores", "reallocate", "select_indices", "select_per_segment",
+    "DECAYS", "DropGrow", "DropGrowConfig", "Magnitudes", "cosine_fraction", "counts",
+    "grad_abs", "random_scores", "reallocate", "select_indices", "select_per_segment",
 ]

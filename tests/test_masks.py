@@ -80,6 +80,65 @@ def test_zero_where_clears_weight_and_optimizer_state():
     assert torch.all(buf[where] == 0) and torch.all(buf[~where] != 0)
 
 
+@pytest.mark.parametrize("numpy_views", [False, True])
+@given(shape=st.sampled_from([(4, 5), (3, 2, 3), (7,)]), seed=st.integers(0, 2**16),
+       optimizer=st.sampled_from(["sgd", "adamw"]))
+def test_zero_at_after_update_at_equals_the_whole_mask_upkeep(numpy_views, shape, seed,
+                                                              optimizer, monkeypatch):
+    """After an :meth:`MaskSet.update_at` edit (dropped and grown entries overlapping),
+    :meth:`MaskSet.zero_at` at the edited indices leaves exactly the weight and optimizer state
+    of the whole-mask upkeep (``zero_where(old ^ new)`` then ``apply_``); ``numpy_views``: the
+    edits and the upkeep through numpy views (large CPU layers)."""
+    import sparsefw.masks as masks_mod
+    monkeypatch.setattr(masks_mod, "NUMPY_MIN_NUMEL", 0 if numpy_views else 1 << 62)
+    g = torch.Generator().manual_seed(seed)
+    twins = []
+    for _ in range(2):
+        p = nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(seed)))
+        ms = MaskSet({"w": p})
+        ms.update("w", torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < 0.5)
+        ms.apply_()
+        opt = (torch.optim.SGD([p], lr=0.1, momentum=0.9) if optimizer == "sgd"
+               else torch.optim.AdamW([p], lr=0.1))
+        for _ in range(2):
+            p.grad = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))
+            ms.mask_grads_()
+            opt.step()
+        twins.append((p, ms, opt))
+    n = twins[0][0].numel()
+    drop = torch.randperm(n, generator=g)[: n // 3]
+    grow = torch.randperm(n, generator=g)[: n // 3]  # overlaps drop: re-grown entries
+    (p1, ms1, opt1), (p2, ms2, opt2) = twins
+    for ms in (ms1, ms2):
+        ms.take_edits()
+    old1, old2 = ms1.masks["w"], ms2.masks["w"]
+    ms1.update_at("w", drop, grow)
+    ms2.update_at("w", drop, grow)
+    edits = ms1.take_edits()
+    assert ms1.zero_at("w", edits["w"], old1, opt1)
+    ms2.zero_where("w", old2 ^ ms2.masks["w"], opt2)
+    ms2.apply_()
+    assert torch.equal(ms1.masks["w"], ms2.masks["w"])
+    assert torch.equal(ms1.float_mask("w"), ms2.masks["w"].float())
+    assert torch.equal(p1, p2)
+    for key, value in opt1.state[p1].items():
+        if torch.is_tensor(value) and value.shape == p1.shape:
+            assert torch.equal(value, opt2.state[p2][key]), key
+    assert torch.all(p1[~ms1.masks["w"]] == 0)
+
+
+def test_take_edits_reports_indices_and_whole_replacements():
+    ms = MaskSet({"a": nn.Parameter(torch.ones(4)), "b": nn.Parameter(torch.ones(4))})
+    ms.take_edits()
+    ms.update_at("a", torch.tensor([0]), torch.tensor([1]))
+    ms.update_at("a", torch.tensor([2]), torch.tensor([0]))
+    ms.update("b", torch.tensor([True, False, True, False]))
+    ms.update_at("b", torch.tensor([0]), torch.tensor([1]))  # after a whole replacement
+    edits = ms.take_edits()
+    assert edits["a"].tolist() == [0, 1, 2, 0] and edits["b"] is None
+    assert ms.take_edits() == {}
+
+
 # ------------------------------------------------------------------------------ forward masks
 @given(st.data(), sst.small_models(), sst.seeds(), st.sampled_from([0.0, 0.25]))
 def test_forward_masks_train_dense_weights(data, model, seed, decay):

@@ -327,7 +327,9 @@ def test_index_update_equals_the_whole_mask_update(sampled, layer_shapes, densit
     """The index path (``update_by_index``: indices chosen, masks edited in place at them,
     counts from the indices) leaves exactly the masks, float masks, reported changes, metrics
     and ever-active masks of the whole-mask path with stable sorts, over a few updates;
-    ``sampled``: every layer through the sampled pre-filter of large CPU layers."""
+    ``sampled``: every layer through the sampled pre-filter and the numpy edits of large CPU
+    layers."""
+    from sparsefw import masks as masks_mod
     from sparsefw import topology
 
     fast = emulated_state(layer_shapes, density, seed, alpha, 0.5)
@@ -335,8 +337,9 @@ def test_index_update_equals_the_whole_mask_update(sampled, layer_shapes, densit
     comp = build(method, regrow)
     ref = _reference_twin(comp)
     with pytest.MonkeyPatch.context() as mp:
-        if sampled:
+        if sampled:  # (and the masks edited through numpy views)
             mp.setattr(topology, "SAMPLED_MIN_NUMEL", 0)
+            mp.setattr(masks_mod, "NUMPY_MIN_NUMEL", 0)
         for _ in range(updates):
             got = comp.sparsefw_topology_update(state=fast)
             want = ref.sparsefw_topology_update(state=slow)

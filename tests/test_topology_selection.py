@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sparsefw import topology
-from sparsefw.topology import select_indices, select_per_segment
+from sparsefw.topology import Magnitudes, select_indices, select_per_segment
 
 NAN = float("nan")
 INF = float("inf")
@@ -156,3 +156,27 @@ def test_magnitude_selection_equals_the_stable_sort_of_absolute_values(n, palett
             mp.setattr(topology, "SAMPLED_MIN_NUMEL", threshold)
             out = select_indices([scores], [cand], [k], largest=largest, magnitude=True)[0]
         assert torch.equal(as_mask(out, n), expect)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+@given(n=st.integers(1, 300), seed=st.integers(0, 2**16), largest=st.booleans(),
+       data=st.data())
+def test_magnitudes_select_as_their_absolute_values(sampled, n, seed, largest, data,
+                                                     monkeypatch):
+    """:class:`Magnitudes` scores select exactly the entries of the tensors of absolute
+    values, through select_indices and select_per_segment (host and device counts), and
+    reading an entry gives ``|x|``."""
+    if sampled:
+        monkeypatch.setattr(topology, "SAMPLED_MIN_NUMEL", 0)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g).round(decimals=1)  # ties, and -x ties with x
+    cand = torch.rand(n, generator=g) < 0.7
+    k = data.draw(st.integers(0, n))
+    mags = Magnitudes([x])
+    assert torch.equal(mags[0], x.abs()) and len(mags) == 1
+    want = select_indices([x.abs()], [cand], [k], largest=largest)[0]
+    got = select_indices(mags, [cand], [k], largest=largest)[0]
+    assert torch.equal(got.sort().values, want.sort().values)
+    for counts in ([k], torch.tensor([k])):
+        assert torch.equal(select_per_segment(mags, [cand], counts, largest=largest)[0],
+                           select_per_segment([x.abs()], [cand], counts, largest=largest)[0])
