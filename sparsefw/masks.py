@@ -13,6 +13,11 @@ Two kinds of masking:
 All per-step arithmetic is done with ``torch._foreach_*`` kernels over every masked parameter at
 once; nothing here reads a tensor back to the host except :meth:`MaskSet.summary`.
 
+Storage: each mask is kept once, as 0/1 in its parameter's dtype (4 bytes per fp32 weight), the
+form those kernels multiply by (a bool or half-precision mask makes the CPU multiply 1.8-4.6x
+slower). The bool masks components read (``MaskSet.masks``, :class:`BoolMasks`) are built from
+it when read and released after every optimizer step.
+
 Parameters sharded by FSDP2 (``DTensor`` parameters) get the mask of this rank's shard only; the
 arithmetic runs on the local shards (:mod:`sparsefw.sharding`), and :meth:`MaskSet.update`
 takes the whole layer's mask and keeps this rank's part.
@@ -119,12 +124,52 @@ def bool_to(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.view(torch.uint8).to(dtype)
 
 
+class BoolMasks(Mapping[str, torch.Tensor]):
+    """:attr:`MaskSet.masks`: each layer's mask as a bool tensor, read-only. The masks are
+    stored once, as 0/1 in the parameter's dtype (what the per-step arithmetic multiplies
+    by: 4 bytes per fp32 weight); a bool mask is built from it when first read and kept
+    until :meth:`release` (the lifecycle releases them after every optimizer step), so no
+    second copy outlives the code that asked for it. A mask handed to :meth:`MaskSet.update`
+    is kept as given until then."""
+
+    def __init__(self, floats: dict[str, torch.Tensor]):
+        self._floats = floats
+        self._bools: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        m = self._bools.get(name)
+        if m is None:
+            m = self._bools[name] = self._floats[name].bool()  # (2x faster than != 0)
+        return m
+
+    def __iter__(self):
+        return iter(self._floats)
+
+    def __len__(self) -> int:
+        return len(self._floats)
+
+    def __contains__(self, name) -> bool:
+        return name in self._floats
+
+    def _keep(self, name: str, mask: torch.Tensor) -> None:
+        self._bools[name] = mask
+
+    def release(self) -> None:
+        """Drop the bool masks built or kept so far (they are rebuilt when read again)."""
+        self._bools.clear()
+
+    def held(self) -> list[torch.Tensor]:
+        """The bool masks held right now (for memory accounting)."""
+        return list(self._bools.values())
+
+
 class MaskSet:
     """Masks keyed by parameter name, with the per-layer targets and the masking kind.
 
     ``masks[name]`` is a bool tensor of the parameter's shape (of this rank's shard, for a
-    parameter sharded by FSDP2); ``targets[name]`` the number of active entries the density
-    allocation gave that layer (of the whole layer).
+    parameter sharded by FSDP2; :class:`BoolMasks`: built from the stored 0/1 mask when
+    read); ``targets[name]`` the number of active entries the density allocation gave that
+    layer (of the whole layer); ``version[name]`` counts the changes of its mask.
     """
 
     def __init__(self, params: Mapping[str, nn.Parameter], kind: str = "hard"):
@@ -132,23 +177,23 @@ class MaskSet:
             raise ValueError(f"unknown mask kind {kind!r}; choices: {', '.join(MASK_KINDS)}")
         self.kind = kind
         self.params: dict[str, nn.Parameter] = dict(params)
-        self.masks: dict[str, torch.Tensor] = {
-            n: torch.ones_like(sharding.local(p), dtype=torch.bool)
-            for n, p in self.params.items()
-        }
+        #: the masks, stored once: 0/1 in the parameter's dtype
+        self._float: dict[str, torch.Tensor] = {
+            n: torch.ones_like(sharding.local(p)) for n, p in self.params.items()}
+        self.masks = BoolMasks(self._float)
+        #: per layer, how many times its mask changed (what a packing built from it checks)
+        self.version: dict[str, int] = dict.fromkeys(self.params, 0)
         #: whether any parameter is sharded (FSDP2): counts are then all-reduced
         self.sharded = any(sharding.is_sharded(p) for p in self.params.values())
         self.targets: dict[str, int] = {n: p.numel() for n, p in self.params.items()}
         #: β of forward masking: weight of pruned entries in the forward pass
         self.decay: float = 0.0
-        self._float: dict[str, torch.Tensor] = {}
         #: names whose mask may hold a zero: the only layers the per-step arithmetic touches
         self._sparse: list[str] = list(self.params)
         self._lists_cache: tuple[list, list] | None = None
         #: per layer, how its mask changed since :meth:`take_edits`: the flat indices
         #: :meth:`update_at` edited, or None (replaced whole)
         self._edits: dict[str, list[torch.Tensor] | None] = {}
-        self._refresh_all()
 
     # ------------------------------------------------------------------ access
     @property
@@ -162,8 +207,11 @@ class MaskSet:
     def __contains__(self, name: str) -> bool:
         return name in self.params
 
-    def _refresh(self, name: str) -> None:
-        self._float[name] = bool_to(self.masks[name], self.params[name].dtype)
+    def _store(self, name: str, mask: torch.Tensor) -> None:
+        """Make the bool ``mask`` (this rank's shape) the mask of ``name``."""
+        self._float[name] = bool_to(mask, self.params[name].dtype)
+        self.masks._keep(name, mask)
+        self.version[name] += 1
         if name not in self._sparse:  # conservatively: it may hold zeros now
             self._sparse.append(name)
         self._lists_cache = None
@@ -177,16 +225,13 @@ class MaskSet:
         names = list(self.params)
         if not names:
             return
-        full = torch.stack([self.masks[n].all() for n in names]).tolist()
+        full = torch.stack([self._float[n].all() for n in names]).tolist()
         self._sparse = [n for n, f in zip(names, full, strict=True) if not f]
         self._lists_cache = None
 
-    def _refresh_all(self) -> None:
-        for n in self.params:
-            self._refresh(n)
-
     def float_mask(self, name: str) -> torch.Tensor:
-        """The mask of ``name`` as 0/1 in the parameter's dtype (cached; do not modify)."""
+        """The stored mask of ``name``: 0/1 in the parameter's dtype, what the per-step
+        arithmetic multiplies by (do not modify it; change masks with :meth:`update`)."""
         return self._float[name]
 
     def local_param(self, name: str) -> torch.Tensor:
@@ -203,17 +248,16 @@ class MaskSet:
                 f"mask for {name} must be bool of shape {tuple(p.shape)}, "
                 f"got {mask.dtype} {tuple(mask.shape)}"
             )
-        self.masks[name] = sharding.shard_of(mask.to(p.device), p)
-        self._refresh(name)
+        self._store(name, sharding.shard_of(mask.to(p.device), p))
 
     def update_local(self, name: str, shard: torch.Tensor) -> None:
         """Replace the mask of this rank's shard of ``name`` (bool, the local shape)."""
-        expected = self.masks[name].shape
+        current = self._float[name]
+        expected = current.shape
         if shard.shape != expected or shard.dtype != torch.bool:
             raise ValueError(f"local mask for {name} must be bool of shape {tuple(expected)}, "
                              f"got {shard.dtype} {tuple(shard.shape)}")
-        self.masks[name] = shard.to(self.masks[name].device)
-        self._refresh(name)
+        self._store(name, shard.to(current.device))
 
     # ------------------------------------------------------------------ arithmetic
     def _lists(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -346,14 +390,14 @@ class MaskSet:
         p = self.params[name]
         if not sharding.is_sharded(p):
             return self._float[name]
-        shard = sharding.to_dtensor(self.masks[name].to(torch.uint8), p)
+        shard = sharding.to_dtensor(self._float[name].to(torch.uint8), p)
         return sharding.gather(shard).to(p.dtype)
 
     @torch.no_grad()
     def update_at(self, name: str, drop: torch.Tensor, grow: torch.Tensor) -> None:
         """Replace one mask by a copy with the entries at the flat indices ``drop`` (long, on
         the mask's device) made inactive, then those at ``grow`` active (an index in both stays
-        active); the cached float mask is edited in place at the same indices, not converted
+        active); the stored 0/1 mask is edited in place at the same indices, not converted
         again. The indices address the whole layer, so not for a parameter sharded by FSDP2
         (topology components see whole layers: :func:`sparsefw.sharding.gathered_view`)."""
         if sharding.is_sharded(self.params[name]):
@@ -370,7 +414,8 @@ class MaskSet:
                 flat[grow.numpy()] = on
             else:
                 m.view(-1).index_fill_(0, drop, off).index_fill_(0, grow, on)
-        self.masks[name] = mask
+        self.masks._keep(name, mask)
+        self.version[name] += 1
         if name not in self._sparse:  # conservatively: it may hold zeros now
             self._sparse.append(name)
             self._lists_cache = None
@@ -382,9 +427,9 @@ class MaskSet:
     def active_counts(self) -> torch.Tensor:
         """Active entries per layer as one device tensor (model order). Sharded: summed over
         the ranks (one all-reduce, which every rank must reach)."""
-        if not self.masks:
+        if not self._float:
             return torch.zeros(0, dtype=torch.long)
-        counts = torch.stack([m.sum() for m in self.masks.values()])
+        counts = torch.stack([torch.count_nonzero(f) for f in self._float.values()])
         if self.sharded:  # over the ranks of the parameters' mesh
             mesh = next(p for p in self.params.values() if sharding.is_sharded(p)).device_mesh
             torch.distributed.all_reduce(counts, group=mesh.get_group())
@@ -412,9 +457,9 @@ class MaskSet:
         """Kind, β, targets and masks; a sharded parameter's mask is a ``DTensor`` placed like
         the parameter (what ``torch.distributed.checkpoint`` saves and reshards)."""
         masks = {}
-        for n, m in self.masks.items():
-            p = self.params[n]
-            masks[n] = sharding.to_dtensor(m.clone(), p) if sharding.is_sharded(p) else m.clone()
+        for n, f in self._float.items():
+            p, m = self.params[n], f.bool()  # (a new tensor: a copy)
+            masks[n] = sharding.to_dtensor(m, p) if sharding.is_sharded(p) else m
         return {
             "kind": self.kind,
             "decay": self.decay,

@@ -259,7 +259,7 @@ def gathered_view(masks):
     view.decay = masks.decay
     for n, p in masks.params.items():
         if is_sharded(p):  # gloo cannot all-gather bool: as uint8
-            whole = gather(to_dtensor(masks.masks[n].to(torch.uint8), p)).bool()
+            whole = gather(to_dtensor(masks.float_mask(n).to(torch.uint8), p)).bool()
             view.update(n, whole)
         else:
             view.update(n, masks.masks[n])
@@ -268,16 +268,16 @@ def gathered_view(masks):
 
 def memory_per_rank(model: nn.Module, masks, optimizer: torch.optim.Optimizer | None = None
                     ) -> dict[str, int]:
-    """Bytes this rank holds for the parameters, the masks (bool masks and their cached float
-    copies) and the optimizer state: local shards under FSDP, whole tensors otherwise (what
+    """Bytes this rank holds for the parameters, the masks (0/1 in the parameters' dtype, plus
+    any bool masks built from them and not yet released) and the optimizer state: local shards under FSDP, whole tensors otherwise (what
     each DDP rank holds). Gradients and activations are not counted."""
     def nbytes(t: torch.Tensor) -> int:
         t = local(t)
         return t.numel() * t.element_size()
 
     out = {"params": sum(nbytes(p) for p in model.parameters()),
-           "masks": sum(nbytes(m) for m in masks.masks.values())
-           + sum(nbytes(m) for m in masks._float.values()),
+           "masks": sum(nbytes(m) for m in masks._float.values())
+           + sum(nbytes(m) for m in masks.masks.held()),
            "optimizer": 0}
     if optimizer is not None:
         out["optimizer"] = sum(nbytes(v) for s in optimizer.state.values() for v in s.values()

@@ -68,9 +68,9 @@ CACHE: dict[tuple, dict[str, float]] = {}
 class PackedWeight:
     """The CSR structure of one layer's mask (and of its transpose) and the gradient buffer."""
 
-    def __init__(self, param: nn.Parameter, mask: torch.Tensor):
+    def __init__(self, param: nn.Parameter, mask: torch.Tensor, version: int = 0):
         self.param = param
-        self.mask = mask  # the MaskSet's tensor this packing was built from
+        self.version = version  # of the MaskSet's mask this packing was built from
         out_f, in_f = mask.shape
         self.shape = (out_f, in_f)
         rows, cols = mask.nonzero(as_tuple=True)  # row-major order
@@ -228,10 +228,11 @@ class SparseCompute:
     # ------------------------------------------------------------------ packing
     def _packing(self, name: str) -> PackedWeight:
         pname = self.layers[name]
-        mask = self.masks.masks[pname]
+        version = self.masks.version[pname]
         packed = self.packed.get(name)
-        if packed is None or packed.mask is not mask:
-            packed = self.packed[name] = PackedWeight(self.masks.params[pname], mask)
+        if packed is None or packed.version != version:
+            packed = self.packed[name] = PackedWeight(self.masks.params[pname],
+                                                      self.masks.masks[pname], version)
             packed.dense_gradient = self._dense_gradient
         return packed
 

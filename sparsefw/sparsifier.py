@@ -539,7 +539,9 @@ class Sparsifier:
         component asked to skip this step's optimizer update."""
         st = self.state
         hard = self.masks.kind == "hard"
-        before = {n: m.clone() for n, m in self.masks.masks.items()} if hard else {}
+        # (no copies: a mask is replaced, never edited in place — MaskSet.update builds a new
+        # stored mask and update_at edits a copy — so these bool masks stay as they are)
+        before = dict(self.masks.masks.items()) if hard else {}
         self.masks.take_edits()  # (forget edits made outside an update)
         with self._whole_layers() as masks:
             change = (self.checker.topology_update() if self.checker is not None
@@ -809,6 +811,7 @@ class Sparsifier:
         st = self.state
         if self._reapply_masks:
             self.masks.apply_()
+        self.masks.masks.release()  # bool masks built during the step: none outlives it
         st.step += 1
         metrics = self.after_optimizer_step() if self.after_optimizer_step is not None else None
         self.plugins.hook.sparsefw_step_end(state=st, metrics=metrics)

@@ -152,13 +152,14 @@ def train_loop(method: str, steps: int, rank: int = 0, world: int = 1, sharded: 
             return loss
 
         sp.step(step_closure)
+    held = sharding.memory_per_rank(model, sp.masks, opt)  # between steps: what persists
     view = sharding.gathered_view(sp.masks)
     return {"masks": {n: m.clone() for n, m in view.masks.items()}, "first": first,
             "model": {n: sharding.gather(p.detach()).clone()
                       for n, p in model.named_parameters()},
             "densities": sp.densities(), "updates": updates,
             "unperturbed": [float(v) for v in unperturbed],
-            "bytes": sharding.memory_per_rank(model, sp.masks, opt),
+            "bytes": held,
             "local_masks": {n: tuple(m.shape) for n, m in sp.masks.masks.items()}}
 
 

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call
 
+from sparsefw import sharding
 from sparsefw.config import OptimizerConfig
 from sparsefw.engine import Trainer
 from sparsefw.engine.optim import build_optimizer
@@ -260,6 +261,48 @@ def test_density_accounting():
     assert ms.active_counts().tolist() == [4, 10]
     assert float(ms.density()) == pytest.approx(14 / 20)
     assert ms.summary() == {"density": 0.7, "density/a": 0.4, "density/b": 1.0}
+
+
+@given(seed=st.integers(0, 2**16), shape=st.sampled_from([(3, 4), (2, 3, 2), (5,)]),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+def test_masks_are_stored_once_and_read_as_bool(seed, shape, dtype):
+    """One stored representation (0/1 in the parameter's dtype); ``masks[name]`` reads it as
+    the bool mask last given, a mask built from the stored one after a release, and each
+    change counts in ``version``."""
+    p = nn.Parameter(torch.ones(shape, dtype=dtype))
+    ms = MaskSet({"w": p})
+    assert ms.masks["w"].dtype == torch.bool and bool(ms.masks["w"].all())
+    given_mask = torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < 0.5
+    ms.update("w", given_mask)
+    assert ms.masks["w"] is given_mask and ms.version["w"] == 1
+    assert torch.equal(ms.float_mask("w"), given_mask.to(dtype))
+    assert ms.masks.held() == [given_mask]
+    ms.masks.release()
+    assert ms.masks.held() == []
+    rebuilt = ms.masks["w"]
+    assert rebuilt is not given_mask and torch.equal(rebuilt, given_mask)
+    assert ms.masks["w"] is rebuilt  # kept until the next release
+    assert list(ms.masks) == ["w"] and len(ms.masks) == 1 and "w" in ms.masks
+    ms.update_at("w", torch.tensor([0]), torch.tensor([]).long())
+    assert ms.version["w"] == 2 and not bool(ms.masks["w"].reshape(-1)[0])
+    assert torch.equal(ms.float_mask("w"), ms.masks["w"].to(dtype))
+    sd = ms.state_dict()
+    assert torch.equal(sd["masks"]["w"], ms.masks["w"])
+    assert sd["masks"]["w"] is not ms.masks["w"]  # a copy
+
+
+def test_between_steps_masks_cost_one_float_per_weight(make_config, catalogue, tmp_path):
+    """After each optimizer step no bool mask is held: the masks' memory is the stored 0/1
+    masks alone (4 bytes per fp32 weight), RigL updates included."""
+    cfg, _ = make_config(sparsity={"density": 0.3}, model={"name": "mlp", "hidden": [16]},
+                         topology_update={"name": "rigl", "every": 2})
+    trainer = Trainer(cfg, catalogue, run_dir=tmp_path)
+    trainer.fit()
+    masks = trainer.masks
+    assert masks.masks.held() == []
+    assert max(masks.version.values()) > 2  # the updates ran
+    got = sharding.memory_per_rank(trainer.model, masks)["masks"]
+    assert got == 4 * sum(masks.numels())
 
 
 # ------------------------------------------------------------------------------ end to end

@@ -90,7 +90,9 @@ def test_rigl_takes_the_dense_gradient_on_update_steps_and_repacks():
     for n in sp_d.masks.names:  # the same topology decisions as with dense compute
         assert torch.equal(sp_d.masks.masks[n], sp_s.masks.masks[n]), n
     for name, pname in sp_s.compute.layers.items():
-        assert sp_s.compute.packed[name].mask is sp_s.masks.masks[pname]  # re-packed
+        packed = sp_s.compute.packed[name]
+        assert packed.version == sp_s.masks.version[pname] > 1  # re-packed after updates
+        assert torch.equal(packed.flat, sp_s.masks.masks[pname].reshape(-1).nonzero()[:, 0])
     for a, b in zip(dense.state_dict().values(), sparse.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
 
