@@ -180,3 +180,25 @@ def test_magnitudes_select_as_their_absolute_values(sampled, n, seed, largest, d
     for counts in ([k], torch.tensor([k])):
         assert torch.equal(select_per_segment(mags, [cand], counts, largest=largest)[0],
                            select_per_segment([x.abs()], [cand], counts, largest=largest)[0])
+
+
+@given(n=st.integers(1, 3000), palette=st.lists(st.sampled_from(PALETTE), min_size=1,
+                                                  max_size=5),
+       density=st.sampled_from([0.05, 0.5, 1.0]), seed=st.integers(0, 2**16),
+       largest=st.booleans(), magnitude=st.booleans(), block=st.integers(1, 700),
+       threshold=st.sampled_from([0.0, 0.5, 1.0, INF]))
+def test_blocked_prefilter_keeps_what_whole_array_passes_keep(n, palette, density, seed, largest,
+                                                              magnitude, block, threshold,
+                                                              monkeypatch):
+    """``_kept`` block by block (any block size, a short last block) keeps exactly the
+    candidates that whole-array comparisons keep: not strictly worse than ``t`` (NaNs kept),
+    of ``|s|`` when ``magnitude``, increasing."""
+    monkeypatch.setattr(topology, "_BLOCK", block)
+    scores, cand = draw(n, palette, density, seed)
+    s, c = scores.numpy(), cand.numpy()
+    t = np.float32(threshold)
+    v = np.abs(s) if magnitude else s
+    worse = v < t if largest else v > t
+    expect = np.flatnonzero(c & ~worse)
+    got = topology._kept(s, c, t, largest, magnitude)
+    assert np.array_equal(got, expect)
