@@ -557,7 +557,7 @@ class Sparsifier:
                  or not self.masks.zero_at(n, edits[n], old, self.optimizer)]
         for n in whole:
             self.masks.zero_where(n, before[n] ^ self.masks.masks[n], self.optimizer)
-        self.masks.apply_(whole if hard else None)
+        self.masks.apply_(whole)  # (a no-op for forward masks)
         if self.compute is not None:
             self.compute.repack()
         if change is None:

@@ -383,12 +383,12 @@ class DropGrow:
     host_counts: ClassVar[bool] = True
 
     # ------------------------------------------------------------ method-specific pieces
-    def drop_scores(self, state, names: list[str]) -> list[torch.Tensor]:
+    def drop_scores(self, state, names: list[str]) -> Sequence[torch.Tensor]:
         """Scores of every entry, per layer; the smallest active ones are dropped. ``|w|``
         (as :class:`Magnitudes`)."""
         return Magnitudes(state.masks.params[n].detach() for n in names)
 
-    def grow_scores(self, state, names: list[str]) -> list[torch.Tensor]:
+    def grow_scores(self, state, names: list[str]) -> Sequence[torch.Tensor]:
         """Scores of every entry, per layer; the largest inactive ones grow."""
         raise NotImplementedError
 
