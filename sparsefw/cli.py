@@ -74,9 +74,10 @@ def cmd_train(args) -> int:
     trainer, metrics = train(cfg, catalogue, run_dir=args.run_dir, raw_config=raw,
                              resume=args.resume, config_source=source,
                              trust_checkpoint=args.trust_checkpoint)
-    print(f"run directory: {trainer.run_dir}")
-    print(f"final test accuracy: {metrics['test/acc']:.4f}  (density {metrics['density']:.4f}, "
-          f"{trainer.state.step} steps)")
+    if trainer.dist.is_main:  # (under torchrun, once: every rank holds the same run)
+        print(f"run directory: {trainer.run_dir}")
+        print(f"final test accuracy: {metrics['test/acc']:.4f}  (density "
+              f"{metrics['density']:.4f}, {trainer.state.step} steps)")
     return 0
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import os
 import sys
 
@@ -195,6 +197,25 @@ def run_loop(rank: int, world: int, port: int, out: str) -> None:
                     "batches": local, "step": sp.state.step, "init": init},
                    os.path.join(out, f"loop{rank}.pt"))
     except Exception as exc:  # report to the parent through a file
+        _report(out, rank, exc)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def cli_train(rank: int, world: int, port: int, argv: list[str], out: str) -> None:
+    """``sparsefw train`` (the CLI) on each rank, as torchrun would start it; what each rank
+    printed and its exit code go to ``out/stdout<rank>.txt``."""
+    _setup(rank, world, port)
+    from sparsefw import cli
+
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            code = cli.main(argv)
+        with open(os.path.join(out, f"stdout{rank}.txt"), "w") as f:
+            f.write(f"exit {code}\n{printed.getvalue()}")
+    except Exception as exc:
         _report(out, rank, exc)
     finally:
         if dist.is_initialized():

@@ -4,6 +4,8 @@ under 2 processes reproducing the uninterrupted 2-process run."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,6 +15,8 @@ from sparsefw.engine import train
 from . import ddp_worker
 from .conftest import TINY, merge
 from .spawning import spawn
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _launch(raw, out, resume=None, kill_at=None, world=2, check_exit=True):
@@ -159,3 +163,16 @@ def test_sam_ascent_uses_each_ranks_own_gradient(catalogue, tmp_path):
     # the ranks' shards differ, so their ε differ (an all-reduced gradient gives one ε)
     assert any(not torch.allclose(eps[0]["seen"][n], eps[1]["seen"][n], atol=1e-4)
                for n in eps[0]["seen"])
+
+
+def test_the_cli_under_two_ranks_prints_its_summary_once(tmp_path):
+    """``sparsefw train`` started on two ranks (as by torchrun): one run, both ranks exit 0,
+    and the run directory and final accuracy are printed by rank 0 only."""
+    argv = ["train", str(ROOT / "configs" / "quickstart.toml"), "--set", "train.epochs=1",
+            "--set", f"train.out_dir={tmp_path / 'runs'}"]
+    spawn(ddp_worker.cli_train, tmp_path, argv, str(tmp_path))
+    first, second = ((tmp_path / f"stdout{r}.txt").read_text() for r in range(2))
+    assert first.startswith("exit 0") and second.startswith("exit 0")
+    assert "final test accuracy" in first and "run directory" in first
+    assert "final test accuracy" not in second and "run directory" not in second
+    assert len(list((tmp_path / "runs").iterdir())) == 1
