@@ -82,9 +82,15 @@ def _target(model, optimizer, sparsifier, extra: dict | None = None) -> dict:
     model_sd, optim_sd = get_state_dict(model, optimizer)
     sd = sparsifier.state_dict()
     masks = sd.pop("masks")
-    if sd.get("pending") or sd.get("dense_momentum"):
-        raise ValueError("distributed checkpoints do not carry a pending perturbation or the "
-                         "dense gradient momentum yet")
+    if sd.get("pending"):
+        raise sharding.NotSupportedUnderFSDP(
+            "a distributed checkpoint cannot hold a perturbation that is applied yet: save "
+            "between steps, after sparsifier.step() returns and before the next training "
+            "forward (which applies the next step's perturbation)")
+    if sd.get("dense_momentum"):
+        raise sharding.NotSupportedUnderFSDP(
+            "distributed checkpoints do not carry the dense gradient momentum yet (a component "
+            "that reads it runs in this Sparsifier): save with one process or without FSDP")
     plugin_tensors: dict = {}
     sd["plugins"] = _split_sharded(sd["plugins"], (), plugin_tensors)
     blob = _blob({**sd, "masks": {k: v for k, v in masks.items() if k != "masks"}})

@@ -334,3 +334,21 @@ def test_export_gathers_a_distributed_checkpoint_into_a_plain_state_dict(fsdp_ru
     assert again.density == pytest.approx(meta["density"])
     for n, t in torch.load(again.path, weights_only=True).items():
         assert torch.equal(t, state[n]), n
+
+
+@pytest.mark.parametrize("entry,says", [("pending", "save between steps"),
+                                        ("dense_momentum", "dense gradient momentum")])
+def test_what_a_distributed_checkpoint_cannot_hold_is_a_clear_refusal(entry, says):
+    """A perturbation applied for the next forward, or the dense-gradient momentum, cannot go
+    into a distributed checkpoint yet: NotSupportedUnderFSDP saying what to do, not a bare
+    ValueError."""
+    from sparsefw import distributed_checkpoint, sharding
+
+    class Holding:
+        def state_dict(self):
+            return {"masks": {"masks": {}}, entry: {"w": torch.zeros(1)}}
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(sharding.NotSupportedUnderFSDP, match=says):
+        distributed_checkpoint._target(model, opt, Holding())
