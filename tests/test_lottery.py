@@ -303,3 +303,41 @@ def test_rewind_step_without_round_start_is_a_config_error(make_config, catalogu
                       train={"epochs": 1, "rounds": 2}, sparsity={"density": 1.0})[0]
     with pytest.raises(ConfigError, match="round_start = 2"):
         Trainer(cfg, catalogue, run_dir=tmp_path).fit()
+
+
+@pytest.mark.parametrize("rewind_step", [0, 3])
+def test_sparse_fan_in_rescales_rounds_rewound_to_the_initialisation(make_config, catalogue,
+                                                                    tmp_path, rewind_step):
+    """``[sparsity] init = "sparse_fan_in"``: a round rewound to iteration 0 starts from the
+    initial weights scaled by sqrt(F / k) for each unit's kept fan-in under the round's masks,
+    as the first round's were; weights rewound to k > 0 (trained values) are restored as
+    saved."""
+    from sparsefw.initialisation import fan_in_scales
+
+    cfg = make_config(
+        mask_init={"name": "lottery", "prune_fraction": 0.5, "start_density": 0.5,
+                   "rewind_step": rewind_step},
+        train={"epochs": 1, "rounds": 2, "round_start": rewind_step},
+        sparsity={"density": 1.0, "init": "sparse_fan_in"})[0]
+    trainer = Trainer(cfg, catalogue, run_dir=tmp_path)
+    comp = trainer.plugins.components[0].instance
+    seen = []
+    original = trainer._next_round
+
+    def next_round():
+        original()
+        seen.append({n: (m.clone(), trainer.masks.params[n].detach().clone())
+                     for n, m in trainer.masks.masks.items()})
+
+    trainer._next_round = next_round
+    trainer.fit()
+    assert len(seen) == 1
+    for n, (mask, w) in seen[0].items():
+        saved = comp.rewind_state[n]
+        if rewind_step == 0:
+            scale = fan_in_scales(mask).to(w.dtype).view(-1, *([1] * (w.dim() - 1)))
+            want = saved * scale
+        else:
+            want = saved
+        assert torch.equal(w[mask], want.expand_as(w)[mask]), n
+        assert not w[~mask].any()

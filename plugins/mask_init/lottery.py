@@ -10,7 +10,11 @@ variant (Frankle, Dziugaite, Roy & Carbin, ICML 2020, arXiv 1912.05671). Driven 
 3. at the end of every round but the last, ``prune_fraction`` ``p`` of the *remaining* weights
    are pruned by magnitude (one global threshold or per layer) and the weights are rewound to
    their saved iteration-``k`` values; the engine then re-applies the masks, clears the
-   optimizer state and restarts the learning-rate schedule.
+   optimizer state and restarts the learning-rate schedule. With ``[sparsity] init =
+   "sparse_fan_in"`` and ``k = 0`` the rewound weights are the initialisation, so they are
+   rescaled for the round's masks as the first round's were (Evci et al., arXiv 2010.03533;
+   :mod:`sparsefw.initialisation`); weights rewound to ``k > 0`` are trained values and are
+   restored as they were.
 
 After ``r`` prunings the active count is ``⌊(1 − p)^r · n₀ + ½⌋`` of the start count ``n₀``
 (per layer with ``scope = "layer"``; in total with ``scope = "global"``): rounding is done
@@ -25,7 +29,7 @@ import math
 import attrs
 import torch
 
-from sparsefw import distributions
+from sparsefw import distributions, initialisation
 from sparsefw.config import ConfigError, in_range, one_of
 from sparsefw.hookspecs import hookimpl
 from sparsefw.masks import topk_mask
@@ -149,6 +153,8 @@ class LotteryTicket:
             state.masks.update(n, m)
         state.masks.targets = counts
         self._rewind(state)
+        if self.cfg.rewind_step == 0:  # rewound to the initialisation: scale it for the masks
+            initialisation.apply(state.masks, state.config.sparsity.init)
         self.rounds_done = r
 
     @hookimpl
