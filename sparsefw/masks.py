@@ -276,10 +276,9 @@ class MaskSet:
             return
         params, masks = self._lists()
         if names is not None:
-            chosen = set(names)
-            pairs = [(self.local_param(n), self._float[n]) for n in self.params
-                     if n in self._sparse and n in chosen]
-            params, masks = ([p for p, _ in pairs], [m for _, m in pairs])
+            chosen = {id(self._float[n]) for n in names}
+            kept = [i for i, m in enumerate(masks) if id(m) in chosen]
+            params, masks = [params[i] for i in kept], [masks[i] for i in kept]
         if params:
             torch._foreach_mul_(params, masks)
 
@@ -301,6 +300,14 @@ class MaskSet:
             torch._foreach_mul_(list(grads), list(fmasks))
 
     @torch.no_grad()
+    def _with_state(self, name: str, optimizer: torch.optim.Optimizer | None
+                    ) -> list[torch.Tensor]:
+        """The weight of ``name`` and every optimizer state tensor of its shape (momentum,
+        Adam moments): what starts at zero where a connection is grown."""
+        p = self.params[name]
+        state = optimizer.state.get(p, {}).values() if optimizer is not None else ()
+        return [p.data, *(v for v in state if torch.is_tensor(v) and v.shape == p.shape)]
+
     def zero_where(
         self,
         name: str,
@@ -310,13 +317,9 @@ class MaskSet:
         """Set the weight and every same-shaped optimizer state tensor of ``name`` to zero at
         ``where`` (bool, the mask's shape: this rank's shard under FSDP2). Used for grown
         connections, which start at zero with fresh state."""
-        p = self.params[name]
-        keep = bool_to(~where, p.dtype)
-        sharding.local(p).mul_(keep)
-        if optimizer is not None:
-            for value in optimizer.state.get(p, {}).values():
-                if torch.is_tensor(value) and value.shape == p.shape:
-                    sharding.local(value).mul_(keep.to(value.dtype))
+        keep = bool_to(~where, self.params[name].dtype)
+        for t in self._with_state(name, optimizer):
+            sharding.local(t).mul_(keep.to(t.dtype))
 
     @torch.no_grad()
     def zero_at(
@@ -333,11 +336,8 @@ class MaskSet:
         keeps its value). Entries outside ``idx`` did not change, so they are already right.
         Returns False, doing nothing, when a tensor is not contiguous (flat indices do not
         address it); the caller then takes the whole-mask route."""
-        p = self.params[name]
-        tensors = [p.data] + ([v for v in optimizer.state.get(p, {}).values()
-                               if torch.is_tensor(v) and v.shape == p.shape]
-                              if optimizer is not None else [])
-        if sharding.is_sharded(p) or not all(t.is_contiguous() for t in tensors):
+        tensors = self._with_state(name, optimizer)
+        if sharding.is_sharded(self.params[name]) or not all(t.is_contiguous() for t in tensors):
             return False
         new = self.masks[name]
         views = [flat_numpy(t) for t in (old, new, *tensors)]

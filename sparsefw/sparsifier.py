@@ -552,11 +552,12 @@ class Sparsifier:
         # hard masks: dropped and grown entries restart at zero with zero optimizer state;
         # forward masks keep the dense weights as they are. A layer edited at indices only
         # (MaskSet.update_at) is fixed up at those indices; any other layer whole.
-        whole = [n for n, old in before.items()
-                 if edits.get(n) is None
-                 or not self.masks.zero_at(n, edits[n], old, self.optimizer)]
-        for n in whole:
-            self.masks.zero_where(n, before[n] ^ self.masks.masks[n], self.optimizer)
+        whole = []
+        for n, old in before.items():
+            idx = edits.get(n)
+            if idx is None or not self.masks.zero_at(n, idx, old, self.optimizer):
+                self.masks.zero_where(n, old ^ self.masks.masks[n], self.optimizer)
+                whole.append(n)
         self.masks.apply_(whole)  # (a no-op for forward masks)
         if self.compute is not None:
             self.compute.repack()
