@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -124,6 +125,15 @@ def bool_to(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.view(torch.uint8).to(dtype)
 
 
+class IndexEdits(NamedTuple):
+    """What :meth:`MaskSet.update_at` calls did to one layer since :meth:`MaskSet.take_edits`:
+    the flat indices they made inactive and those they made active (long tensors; an index
+    may repeat and may be in both). Every entry that changed is among them."""
+
+    dropped: torch.Tensor
+    grown: torch.Tensor
+
+
 class BoolMasks(Mapping[str, torch.Tensor]):
     """:attr:`MaskSet.masks`: each layer's mask as a bool tensor, read-only. The masks are
     stored once, as 0/1 in the parameter's dtype (what the per-step arithmetic multiplies
@@ -153,6 +163,10 @@ class BoolMasks(Mapping[str, torch.Tensor]):
 
     def _keep(self, name: str, mask: torch.Tensor) -> None:
         self._bools[name] = mask
+
+    def _forget(self, name: str) -> None:
+        """Drop the bool mask of ``name`` (its stored mask changed; rebuilt when read)."""
+        self._bools.pop(name, None)
 
     def release(self) -> None:
         """Drop the bool masks built or kept so far (they are rebuilt when read again)."""
@@ -192,7 +206,7 @@ class MaskSet:
         self._sparse: list[str] = list(self.params)
         self._lists_cache: tuple[list, list] | None = None
         #: per layer, how its mask changed since :meth:`take_edits`: the flat indices
-        #: :meth:`update_at` edited, or None (replaced whole)
+        #: :meth:`update_at` dropped and grew (alternating), or None (replaced whole)
         self._edits: dict[str, list[torch.Tensor] | None] = {}
 
     # ------------------------------------------------------------------ access
@@ -322,43 +336,74 @@ class MaskSet:
             sharding.local(t).mul_(keep.to(t.dtype))
 
     @torch.no_grad()
+    def zero_pruned(self, optimizer: torch.optim.Optimizer | None = None, *,
+                    weights: bool = True) -> None:
+        """Zero every same-shaped optimizer state tensor (and, with ``weights``, the weight) at
+        every pruned entry (hard masking). What the engine does when masks are set from outside
+        a run's own steps (first masks, a loaded checkpoint): an optimizer that stepped densely
+        before (a warm-up in the user's own loop) holds momentum there, which would move pruned
+        weights. After it, the masked gradient keeps weight and state zero at pruned entries for
+        SGD, Adam and AdamW, which :meth:`zero_at` (``grown_zero``) relies on."""
+        if self.kind != "hard":
+            return
+        for n in self._sparse:
+            f = self._float[n]
+            tensors = self._with_state(n, optimizer)
+            for t in tensors if weights else tensors[1:]:
+                sharding.local(t).mul_(f.to(t.dtype))
+
+    @torch.no_grad()
     def zero_at(
         self,
         name: str,
-        idx: torch.Tensor,
+        edits: IndexEdits,
         old: torch.Tensor,
         optimizer: torch.optim.Optimizer | None = None,
+        *,
+        grown_zero: bool = False,
     ) -> bool:
-        """:meth:`zero_where` for a mask edited only at the flat indices ``idx`` (long; may
-        repeat) since it was ``old``, then :meth:`apply_` of that layer, touching those entries
-        only: the weight and every same-shaped optimizer state tensor are zeroed at ``idx``
-        except where the mask is active both before and after (a dropped and re-grown entry
-        keeps its value). Entries outside ``idx`` did not change, so they are already right.
+        """:meth:`zero_where` for a mask edited only at the flat indices ``edits`` (what
+        :meth:`take_edits` reports) since it was ``old`` (bool), then :meth:`apply_` of that
+        layer, touching those entries only: the weight and every same-shaped optimizer state
+        tensor are zeroed at the edited entries except where the mask is active both before
+        and after (a dropped and re-grown entry keeps its value). Entries outside ``edits`` did
+        not change, so they are already right.
+
+        ``grown_zero``: the caller guarantees that weight and state are already zero wherever
+        ``old`` is inactive (hard masks, an optimizer whose masked gradient keeps them there:
+        :meth:`zero_pruned`), so only the dropped indices are looked at (``old`` is not read)
+        and only the entries inactive now are written: half the gathers and scatters.
         Returns False, doing nothing, when a tensor is not contiguous (flat indices do not
         address it); the caller then takes the whole-mask route."""
         tensors = self._with_state(name, optimizer)
         if sharding.is_sharded(self.params[name]) or not all(t.is_contiguous() for t in tensors):
             return False
-        new = self.masks[name]
+        new = self._float[name]
         views = [flat_numpy(t) for t in (old, new, *tensors)]
-        if all(v is not None for v in views):
-            i = idx.numpy()
-            zero = i[~(views[0][i] & views[1][i])]
-            for v in views[2:]:
+        numpy = all(v is not None for v in views)
+        if grown_zero:  # (zeroing an entry inactive before as well is harmless: it is zero)
+            idx = edits.dropped.numpy() if numpy else edits.dropped
+            zero = idx[views[1][idx] == 0] if numpy else idx[new.reshape(-1)[idx] == 0]
+        elif numpy:
+            idx = torch.cat(edits).numpy()
+            zero = idx[~(views[0][idx] & (views[1][idx] != 0))]
+        else:
+            idx = torch.cat(edits)
+            zero = idx[~(old.reshape(-1)[idx] & (new.reshape(-1)[idx] != 0))]
+        for t, v in zip(tensors, views[2:], strict=True):
+            if numpy:
                 v[zero] = 0
-            return True
-        keep = old.reshape(-1)[idx] & new.reshape(-1)[idx]
-        for t in tensors:
-            flat = t.view(-1)
-            flat.index_copy_(0, idx, flat.index_select(0, idx) * bool_to(keep, t.dtype))
+            else:
+                t.view(-1).index_fill_(0, zero, 0)
         return True
 
-    def take_edits(self) -> dict[str, torch.Tensor | None]:
+    def take_edits(self) -> dict[str, IndexEdits | None]:
         """The layers whose mask changed since the last call, and how: the flat indices
-        :meth:`update_at` edited (one long tensor; an index may repeat), or None for a mask
-        replaced whole (:meth:`update`, :meth:`update_local`); the record starts afresh."""
+        :meth:`update_at` edited (:class:`IndexEdits`), or None for a mask replaced whole
+        (:meth:`update`, :meth:`update_local`); the record starts afresh."""
         edits, self._edits = self._edits, {}
-        return {n: None if e is None else torch.cat(e) for n, e in edits.items()}
+        return {n: None if e is None else IndexEdits(torch.cat(e[0::2]), torch.cat(e[1::2]))
+                for n, e in edits.items()}
 
     def effective(self) -> dict[str, torch.Tensor]:
         """Forward masking: the weights the forward pass uses, ``w ⊙ m_eff`` with a
@@ -395,26 +440,25 @@ class MaskSet:
 
     @torch.no_grad()
     def update_at(self, name: str, drop: torch.Tensor, grow: torch.Tensor) -> None:
-        """Replace one mask by a copy with the entries at the flat indices ``drop`` (long, on
-        the mask's device) made inactive, then those at ``grow`` active (an index in both stays
-        active); the stored 0/1 mask is edited in place at the same indices, not converted
-        again. The indices address the whole layer, so not for a parameter sharded by FSDP2
-        (topology components see whole layers: :func:`sparsefw.sharding.gathered_view`)."""
+        """Make the entries at the flat indices ``drop`` (long, on the mask's device) inactive,
+        then those at ``grow`` active (an index in both stays active): the stored 0/1 mask is
+        edited in place at those indices, not converted again. A bool mask read before
+        (``masks[name]``) is left as it was (the mask before the edit); the next read builds
+        the new one. The indices address the whole layer, so not for a parameter sharded by
+        FSDP2 (topology components see whole layers: :func:`sparsefw.sharding.gathered_view`)."""
         if sharding.is_sharded(self.params[name]):
             raise ValueError(f"update_at needs the whole layer; {name} is sharded")
-        mask = self.masks[name].clone(memory_format=torch.contiguous_format)
         fmask = self._float[name]
         if not fmask.is_contiguous():
             fmask = self._float[name] = fmask.contiguous()
             self._lists_cache = None
-        for m, off, on in ((mask, False, True), (fmask, 0, 1)):
-            flat = flat_numpy(m)
-            if flat is not None:
-                flat[drop.numpy()] = off
-                flat[grow.numpy()] = on
-            else:
-                m.view(-1).index_fill_(0, drop, off).index_fill_(0, grow, on)
-        self.masks._keep(name, mask)
+        flat = flat_numpy(fmask)
+        if flat is not None:
+            flat[drop.numpy()] = 0
+            flat[grow.numpy()] = 1
+        else:
+            fmask.view(-1).index_fill_(0, drop, 0).index_fill_(0, grow, 1)
+        self.masks._forget(name)
         self.version[name] += 1
         if name not in self._sparse:  # conservatively: it may hold zeros now
             self._sparse.append(name)

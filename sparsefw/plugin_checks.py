@@ -31,9 +31,9 @@ from sparsefw.testing import contract
 
 __all__ = ["PluginCheckError", "PluginChecker", "SYNC_METHODS"]
 
-#: tensor methods that read a tensor back to the host
-SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__",
-                "__index__")
+#: tensor methods that read a tensor back to the host (not ``numpy``: it exists for CPU tensors
+#: only, as a zero-copy view; on a device tensor the ``cpu()`` before it is the read)
+SYNC_METHODS = ("item", "tolist", "cpu", "__bool__", "__float__", "__int__", "__index__")
 
 
 class PluginCheckError(contract.ContractError):

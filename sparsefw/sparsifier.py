@@ -482,9 +482,10 @@ class Sparsifier:
                 masks.update(name, answer[name])
             distributed.check_in_sync(masks.masks, self.dist, "the initial mask")
         self._take_whole_masks(masks)
-        self.masks.apply_()
-        initialisation.apply(self.masks, self.cfg.sparsity.init)
         self.masks.refresh_sparse_layers()
+        self.masks.apply_()
+        self.masks.zero_pruned(self.optimizer)  # (state of a dense warm-up in the user's loop)
+        initialisation.apply(self.masks, self.cfg.sparsity.init)
 
     @contextlib.contextmanager
     def _whole_layers(self):
@@ -539,8 +540,8 @@ class Sparsifier:
         component asked to skip this step's optimizer update."""
         st = self.state
         hard = self.masks.kind == "hard"
-        # (no copies: a mask is replaced, never edited in place — MaskSet.update builds a new
-        # stored mask and update_at edits a copy — so these bool masks stay as they are)
+        # (no copies: a bool mask is never edited in place — MaskSet.update keeps a new one and
+        # update_at edits the stored 0/1 mask and drops the bool — so these stay as they were)
         before = dict(self.masks.masks.items()) if hard else {}
         self.masks.take_edits()  # (forget edits made outside an update)
         with self._whole_layers() as masks:
@@ -552,10 +553,15 @@ class Sparsifier:
         # hard masks: dropped and grown entries restart at zero with zero optimizer state;
         # forward masks keep the dense weights as they are. A layer edited at indices only
         # (MaskSet.update_at) is fixed up at those indices; any other layer whole.
+        # With SGD/Adam/AdamW pruned entries already hold zero weight and state (masked
+        # gradients; MaskSet.zero_pruned when masks come from outside), so of an index edit only
+        # the entries dropped for good need writing.
+        grown_zero = not self._reapply_masks
         whole = []
         for n, old in before.items():
-            idx = edits.get(n)
-            if idx is None or not self.masks.zero_at(n, idx, old, self.optimizer):
+            edited = edits.get(n)
+            if edited is None or not self.masks.zero_at(n, edited, old, self.optimizer,
+                                                     grown_zero=grown_zero):
                 self.masks.zero_where(n, old ^ self.masks.masks[n], self.optimizer)
                 whole.append(n)
         self.masks.apply_(whole)  # (a no-op for forward masks)
@@ -913,6 +919,9 @@ class Sparsifier:
         st = self.state
         self.masks.load_state_dict(sd["masks"])
         self.masks.refresh_sparse_layers()
+        # (a no-op for optimizer state saved beside these masks; the weights are left alone:
+        # a checkpoint taken with a perturbation pending holds perturbed ones)
+        self.masks.zero_pruned(self.optimizer, weights=False)
         st.step, st.epoch = sd["step"], sd["epoch"]
         self._epoch_started = sd["epoch_started"]
         self._prepared_step = sd["prepared_step"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -153,8 +154,8 @@ def select_indices(
 
 def _select_topk(flat, cand, k: int, largest, fill, magnitude=False) -> torch.Tensor:
     """:func:`_select` with a host count, as flat indices: a partial top-k on unique integer
-    keys (:func:`_order_keys`), or on large CPU layers :func:`_select_sampled`, which picks
-    the same entries."""
+    keys (:func:`_order_keys`), or on CPU layers :func:`_select_sampled` (large ones) and
+    :func:`_select_small`, which pick the same entries."""
     k = min(k, flat.numel())
     if k <= 0:
         return torch.zeros(0, dtype=torch.long, device=flat.device)
@@ -162,6 +163,8 @@ def _select_topk(flat, cand, k: int, largest, fill, magnitude=False) -> torch.Te
         chosen = _select_sampled(flat, cand, k, largest, magnitude)
         if chosen is not None:
             return chosen
+    elif flat.device.type == "cpu":
+        return _select_small(flat, cand, k, largest, magnitude, fill)
     if magnitude:
         flat = flat.abs()
     keys = _order_keys(flat.masked_fill(~cand, fill), largest)
@@ -169,7 +172,21 @@ def _select_topk(flat, cand, k: int, largest, fill, magnitude=False) -> torch.Te
     return idx[cand[idx]]  # counts above the candidates' pick filled entries: not chosen
 
 
-#: layers with at least this many entries select by :func:`_select_sampled` on the CPU
+def _select_small(flat, cand, k: int, largest: bool, magnitude: bool, fill: float
+                  ) -> torch.Tensor:
+    """:func:`_select_topk` on a small CPU layer: the same computation (non-candidates scored
+    ``fill``, the best ``k`` under the order of :func:`_order_keys`, the candidates among them)
+    by :func:`_best_kept` on zero-copy numpy views; the int64 keys and ``topk`` cost more in
+    per-call overhead than in work on a layer this small."""
+    s = flat.detach().reshape(-1).numpy()
+    c = cand.reshape(-1).numpy()
+    scores = np.where(c, np.abs(s) if magnitude else s, np.float32(fill))
+    best, _ = _best_kept(scores, k, largest)
+    return torch.from_numpy(best[c[best]])
+
+
+#: layers with at least this many entries select by :func:`_select_sampled` on the CPU (smaller
+#: ones by :func:`_select_small`)
 SAMPLED_MIN_NUMEL = 1 << 16
 #: scores drawn (with replacement, fixed seed) to place the pre-filter threshold
 _SAMPLE = 1 << 13
@@ -378,6 +395,10 @@ class DropGrow:
     reads_values: ClassVar[tuple[str, ...]] = ("drop_fraction",)
     #: per layer, entries that were ever active (ITOP's exploration); filled at the first update
     explored: dict[str, torch.Tensor] = attrs.field(factory=dict)
+    #: active entries of large CPU ``explored`` masks, kept up to date by :meth:`explore_at`
+    _explored_count: dict[str, int] = attrs.field(factory=dict, init=False, repr=False)
+    #: (masks, their versions, active counts) after the last index update
+    _last_counts: tuple | None = attrs.field(default=None, init=False, repr=False)
     #: read the drop/grow counts to the host once per update and select by partial top-k
     #: (False: no sync at all, one full sort per layer)
     host_counts: ClassVar[bool] = True
@@ -456,7 +477,11 @@ class DropGrow:
         cand = [(~m).contiguous() for m in masks]
         if self.cfg.regrow_dropped:  # inactive after the drop
             for c, d in zip(cand, dropped, strict=True):
-                c.view(-1).index_fill_(0, d, True)
+                flat = flat_numpy(c)
+                if flat is not None:
+                    flat[d.numpy()] = True
+                else:
+                    c.view(-1).index_fill_(0, d, True)
         grown = select_indices(self.grow_scores(state, names), cand, k_grow, largest=True)
         return list(zip(dropped, grown, strict=True))
 
@@ -471,7 +496,9 @@ class DropGrow:
         (:meth:`~sparsefw.masks.MaskSet.update_at`) and the counts follow from the indices,
         instead of building, comparing and converting whole masks; the masks, metrics and
         answer are the same."""
-        active = counts(old)
+        active = self._counts_after_last_update(state.masks, names)
+        if active is None:
+            active = counts(old)
         k = self.drop_counts(state, active).tolist()  # the update's one host sync
         changes = self.drop_grow_indices(state, names, old, k, k)
         # a grown entry active before the update was dropped and re-grown: its mask is kept
@@ -481,7 +508,20 @@ class DropGrow:
         for n, (d, g) in zip(names, changes, strict=True):
             state.masks.update_at(n, d, g)
         self.explore_at(names, old, [g for _, g in changes])
-        return self.report(state, names, chosen[:, 0] - regrown, chosen[:, 1] - regrown)
+        dropped, grown = chosen[:, 0] - regrown, chosen[:, 1] - regrown
+        self._last_counts = (weakref.ref(state.masks), [state.masks.version[n] for n in names],
+                             active - dropped + grown)
+        return self.report(state, names, dropped, grown)
+
+    def _counts_after_last_update(self, masks, names: list[str]) -> torch.Tensor | None:
+        """The active counts this component's last index update left, if no mask changed
+        since (same MaskSet, same mask versions); else None (count them)."""
+        if self._last_counts is None:
+            return None
+        ref, versions, active = self._last_counts
+        if ref() is not masks or versions != [masks.version[n] for n in names]:
+            return None
+        return active
 
     def commit(self, state, names: list[str], old: list[torch.Tensor], new: list[torch.Tensor]):
         """Write ``new`` masks, log the per-layer changes and the exploration rate, and build the
@@ -514,25 +554,34 @@ class DropGrow:
             if n not in self.explored:
                 self.explored[n] = o.clone()
             self.explored[n] |= m
+            self._explored_count.pop(n, None)
 
     def explore_at(self, names, old, grown) -> None:
         """:meth:`explore` for masks edited at indices: of the new mask only the ``grown``
-        entries (flat indices per layer) can be active and not yet explored."""
+        entries (flat indices per layer, each once) can be active and not yet explored."""
         for n, o, g in zip(names, old, grown, strict=True):
             if n not in self.explored:
                 self.explored[n] = o.clone(memory_format=torch.contiguous_format)
             e = self.explored[n]
             flat = flat_numpy(e)
-            if flat is not None:
-                flat[g.numpy()] = True
+            if flat is not None:  # (a large CPU layer: its count follows from a gather)
+                i = g.numpy()
+                if n in self._explored_count:
+                    self._explored_count[n] += i.size - int(np.count_nonzero(flat[i]))
+                flat[i] = True
             else:
                 e.view(-1).index_fill_(0, g, True)
 
     def itop_rate(self) -> torch.Tensor:
-        """R_s: fraction of all sparsifiable entries that were ever active (0-d device tensor)."""
-        ex = list(self.explored.values())
-        total = sum(e.numel() for e in ex)
-        return counts(ex).sum().double() / max(total, 1)
+        """R_s: fraction of all sparsifiable entries that were ever active (0-d device tensor).
+        Large CPU layers are counted once and then kept up to date by :meth:`explore_at`."""
+        for n, e in self.explored.items():
+            flat = flat_numpy(e)
+            if flat is not None and n not in self._explored_count:
+                self._explored_count[n] = int(np.count_nonzero(flat))
+        rest = [e for n, e in self.explored.items() if n not in self._explored_count]
+        total = sum(e.numel() for e in self.explored.values())
+        return (counts(rest).sum() + sum(self._explored_count.values())).double() / max(total, 1)
 
     # ------------------------------------------------------------ hooks
     @hookimpl
@@ -563,6 +612,7 @@ class DropGrow:
     def sparsefw_load_state_dict(self, state, plugin_state):
         self.explored = {n: e.to(state.masks.params[n].device).clone()
                          for n, e in plugin_state.get("explored", {}).items()}
+        self._explored_count = {}
         self.load_extra_state(plugin_state)
 
 

@@ -81,15 +81,18 @@ def test_zero_where_clears_weight_and_optimizer_state():
     assert torch.all(buf[where] == 0) and torch.all(buf[~where] != 0)
 
 
+@pytest.mark.parametrize("grown_zero", [False, True])
 @pytest.mark.parametrize("numpy_views", [False, True])
 @given(shape=st.sampled_from([(4, 5), (3, 2, 3), (7,)]), seed=st.integers(0, 2**16),
        optimizer=st.sampled_from(["sgd", "adamw"]))
-def test_zero_at_after_update_at_equals_the_whole_mask_upkeep(numpy_views, shape, seed,
-                                                              optimizer, monkeypatch):
+def test_zero_at_after_update_at_equals_the_whole_mask_upkeep(numpy_views, grown_zero, shape,
+                                                              seed, optimizer, monkeypatch):
     """After an :meth:`MaskSet.update_at` edit (dropped and grown entries overlapping),
     :meth:`MaskSet.zero_at` at the edited indices leaves exactly the weight and optimizer state
     of the whole-mask upkeep (``zero_where(old ^ new)`` then ``apply_``); ``numpy_views``: the
-    edits and the upkeep through numpy views (large CPU layers)."""
+    edits and the upkeep through numpy views (large CPU layers); ``grown_zero``: only the
+    dropped indices are looked at, which is exact because the masked gradients kept weight
+    and state zero at the pruned entries."""
     import sparsefw.masks as masks_mod
     monkeypatch.setattr(masks_mod, "NUMPY_MIN_NUMEL", 0 if numpy_views else 1 << 62)
     g = torch.Generator().manual_seed(seed)
@@ -116,7 +119,7 @@ def test_zero_at_after_update_at_equals_the_whole_mask_upkeep(numpy_views, shape
     ms1.update_at("w", drop, grow)
     ms2.update_at("w", drop, grow)
     edits = ms1.take_edits()
-    assert ms1.zero_at("w", edits["w"], old1, opt1)
+    assert ms1.zero_at("w", edits["w"], old1, opt1, grown_zero=grown_zero)
     ms2.zero_where("w", old2 ^ ms2.masks["w"], opt2)
     ms2.apply_()
     assert torch.equal(ms1.masks["w"], ms2.masks["w"])
@@ -136,7 +139,8 @@ def test_take_edits_reports_indices_and_whole_replacements():
     ms.update("b", torch.tensor([True, False, True, False]))
     ms.update_at("b", torch.tensor([0]), torch.tensor([1]))  # after a whole replacement
     edits = ms.take_edits()
-    assert edits["a"].tolist() == [0, 1, 2, 0] and edits["b"] is None
+    assert edits["a"].dropped.tolist() == [0, 2] and edits["a"].grown.tolist() == [1, 0]
+    assert edits["b"] is None
     assert ms.take_edits() == {}
 
 

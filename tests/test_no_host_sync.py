@@ -1,8 +1,10 @@
 """No host synchronisation in the training step outside the logging interval.
 
 ``torch.Tensor`` methods that read a tensor back to the host (``item``, ``tolist``, ``cpu``,
-``numpy``, ``__bool__``, ``__float__``, ``__int__``, ``__index__``) and those that print one
-(``__repr__``, ``__format__``) are wrapped by a counter. A call counts when the code that made it
+``__bool__``, ``__float__``, ``__int__``, ``__index__``) and those that print one
+(``__repr__``, ``__format__``) are wrapped by a counter. ``numpy`` is not among them: it exists
+for CPU tensors only (a zero-copy view, the CPU-only paths of large layers and small CPU
+selections use it); on a device tensor the ``cpu()`` it needs first is what is counted. A call counts when the code that made it
 is sparsefw's (a module of ``sparsefw`` or ``sparsefw_plugins``):
 
 * **direct** — the calling frame itself is sparsefw code (``loss.item()``, ``if t:``,
@@ -38,8 +40,8 @@ from sparsefw.plugins import load_catalogue
 from tests.conftest import TINY, merge
 
 #: tensor methods that read a tensor back to the host, or print it
-SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__",
-                "__index__", "__repr__", "__format__")
+SYNC_METHODS = ("item", "tolist", "cpu", "__bool__", "__float__", "__int__", "__index__",
+                "__repr__", "__format__")
 OURS = ("sparsefw", "sparsefw_plugins")
 LOG_EVERY = 4
 #: syncs allowed on a topology update step

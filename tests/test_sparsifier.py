@@ -341,3 +341,36 @@ def test_compiled_and_forward_masked_models(catalogue):
     assert sp.state.step == 4
     for n in sp.masks.names:
         assert bool((sp.masks.params[n][~sp.masks.masks[n]] == 0).all())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_dense_warm_up_state_is_cleared_at_the_first_masks(catalogue, optimizer):
+    """A user's loop that trained densely before attaching the Sparsifier holds momentum (Adam
+    moments) at entries the first masks prune; the first masks clear it there, so pruned
+    weights stay zero and every grown connection starts at zero with zero state."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    opt = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if optimizer == "sgd"
+           else torch.optim.AdamW(model.parameters(), lr=1e-2))
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    for _ in range(3):  # dense warm-up: state everywhere
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    sp = Sparsifier(model, opt, catalogue=catalogue, density=0.3, topology="rigl",
+                    total_steps=12, config={"topology_update": {"every": 2, "end": 1.0}})
+    grown_any = False
+    for step in range(12):
+        before = {n: m.clone() for n, m in sp.masks.masks.items()}
+        sp.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        sp.step()
+        for name, p in sp.masks.params.items():
+            mask = sp.masks.masks[name]
+            grown_any |= bool((mask & ~before[name]).any())
+            pruned = ~mask
+            assert bool((p.detach()[pruned] == 0).all()), (step, name)
+            for key, value in opt.state[p].items():
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    assert bool((value[pruned] == 0).all()), (step, name, key)
+    assert grown_any

@@ -91,6 +91,27 @@ def test_rigl_exact_mask_with_tied_drop_and_tied_grow():
     assert float(st.metrics["topology/itop_rate"]) == pytest.approx(5 / 6)
 
 
+def test_counts_carried_between_updates_are_recounted_after_an_outside_change():
+    """An index update keeps the active counts it leaves for the next one; a mask changed in
+    between (another component, a loaded checkpoint) makes the next update count again."""
+    seen = []
+
+    class Spy(RigL):
+        def drop_counts(self, state, active):
+            seen.append(active.tolist())
+            return super().drop_counts(state, active)
+
+    st = fake_state({"a": ([0.5, -0.1, 0.0, 0.3, 0.1, 0.0], [1, 1, 0, 1, 1, 0],
+                           [0.0, 0.0, 0.4, 0.0, 0.0, -0.4]),
+                     "b": ([1.0, 2.0], [1, 0], [0.0, 1.0])}, values={"drop_fraction": 0.5})
+    rigl = Spy(RigLConfig())
+    update(rigl, st)
+    update(rigl, st)  # the counts carried over
+    st.masks.update("a", torch.ones(6, dtype=torch.bool))
+    update(rigl, st)  # "a" changed from outside: counted again
+    assert seen == [[4, 1], [4, 1], [6, 1]]
+
+
 def test_rigl_regrows_just_dropped_position_which_keeps_its_mask():
     st = fake_state({"a": ([0.5, -0.1, 0.0, 0.3, 0.1, 0.0], [1, 1, 0, 1, 1, 0],
                            [0.0, 0.7, 0.4, 0.0, 0.0, 0.4])}, values={"drop_fraction": 0.25})
