@@ -83,3 +83,17 @@ def test_stats_median_and_quartiles(bench):
     s = bench._stats([0.001, 0.002, 0.003, 0.004, 0.100])
     assert s["median_ms"] == pytest.approx(3.0)
     assert s["q1_ms"] == pytest.approx(2.0) and s["q3_ms"] == pytest.approx(4.0)
+
+
+def test_mask_pass_script_reports_the_three_loops():
+    """``benchmarks/mask_pass.py``: the plain loop and the two masking passes, each with its
+    ratio to the plain loop (1.00x for the plain loop itself)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "mask_pass.py"), "--batch", "4",
+         "--repeats", "1", "--steps", "1"],
+        capture_output=True, text=True, timeout=240, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = proc.stdout.splitlines()[1:]
+    assert [r[:16].strip() for r in rows] == ["plain", "+ mask pass", "+ masked_fill"]
+    assert rows[0].endswith("1.00x") and all(r.endswith("x") for r in rows)
