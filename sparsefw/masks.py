@@ -379,22 +379,23 @@ class MaskSet:
         if sharding.is_sharded(self.params[name]) or not all(t.is_contiguous() for t in tensors):
             return False
         new = self._float[name]
+        idx = edits.dropped if grown_zero else torch.cat(edits)
         views = [flat_numpy(t) for t in (old, new, *tensors)]
-        numpy = all(v is not None for v in views)
-        if grown_zero:  # (zeroing an entry inactive before as well is harmless: it is zero)
-            idx = edits.dropped.numpy() if numpy else edits.dropped
-            zero = idx[views[1][idx] == 0] if numpy else idx[new.reshape(-1)[idx] == 0]
-        elif numpy:
-            idx = torch.cat(edits).numpy()
-            zero = idx[~(views[0][idx] & (views[1][idx] != 0))]
-        else:
-            idx = torch.cat(edits)
-            zero = idx[~(old.reshape(-1)[idx] & (new.reshape(-1)[idx] != 0))]
-        for t, v in zip(tensors, views[2:], strict=True):
-            if numpy:
+        if all(v is not None for v in views):  # large CPU layers: numpy gathers and scatters
+            i = idx.numpy()
+            now = views[1][i] != 0
+            # (grown_zero: zeroing an entry inactive before as well is harmless: it is zero)
+            zero = i[~now] if grown_zero else i[~(views[0][i] & now)]
+            for v in views[2:]:
                 v[zero] = 0
-            else:
-                t.view(-1).index_fill_(0, zero, 0)
+            return True
+        # elsewhere without a host sync: no boolean indexing, a multiply at the indices
+        keep = new.reshape(-1)[idx] != 0
+        if not grown_zero:
+            keep &= old.reshape(-1)[idx]
+        for t in tensors:
+            flat = t.view(-1)
+            flat.index_copy_(0, idx, flat.index_select(0, idx) * bool_to(keep, t.dtype))
         return True
 
     def take_edits(self) -> dict[str, IndexEdits | None]:
