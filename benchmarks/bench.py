@@ -15,7 +15,8 @@ One run measures, on the same model, the same fixed batch and the same optimizer
                   forward MaskSet whose 2:4 masks the benchmark builds itself); ``nm24_every``
                   recomputes the mask every step (``nm`` topology, SR-STE style) when registered
   (e) ``rigl``    RigL on top of (c): a regular step, an update step, and the cost amortised
-                  over ΔT = 100 steps
+                  over ΔT = 100 steps; (e2)-(e5) ``set``, ``granet``, ``dsr``, ``snfs`` the same
+                  for the other drop-and-grow methods
   (f) ``s2sam``, (g) ``sam``, (h) ``agent``  on top of (c); AGENT also per epoch (its epoch hooks
                   run a statistics pass over the training data); (h') ``agent_prev`` its
                   ``mean_grad = "previous_epoch"`` variant (no statistics pass); (h'')
@@ -89,6 +90,13 @@ from timing import sync as _sync
 LOG_NEVER = 10**9
 #: RigL's update interval ΔT for the amortised figure
 RIGL_EVERY = 100
+#: the other drop-and-grow rows beside RigL's: (topology name, label, note)
+TOPOLOGY_ROWS = (
+    ("set", "SET", ""),
+    ("granet", "GraNet", "ERK 90% start and target: after its pruning phase (regrowth only)"),
+    ("dsr", "DSR", ""),
+    ("snfs", "SNFS", ""),
+)
 #: acceptance targets of the issue ("A fast training engine, measured")
 TARGETS = {"hard90": ("plain", 1.05), "s2sam": ("hard90", 1.05)}
 #: a timed block lasts about this long (at most ``steps`` steps, at least one)
@@ -197,6 +205,9 @@ class Variant:
     #: called as ``post_init(trainer)`` after ``_init_masks``
     post_init: Callable[[Trainer], None] | None = None
     note: str = ""
+    #: a topology variant: an update step is timed beside its regular step, and the cost
+    #: amortised over ``RIGL_EVERY`` steps
+    updates: bool = False
     #: ``"trainer"``: the sections run in a Trainer; ``"loop"``: in the plain loop, through a
     #: :class:`sparsefw.Sparsifier` wrapping its optimizer
     front_door: str = "trainer"
@@ -273,7 +284,11 @@ def variants(spec: ModelSpec, registry, names: set[str]) -> list[Variant]:
     out += [
         Variant("rigl", "(e) RigL, regular step", base="hard90",
                 sections=_hard90(topology_update={"name": "rigl", "every": RIGL_EVERY}),
-                requires=(("topology_update", "rigl"),)),
+                requires=(("topology_update", "rigl"),), updates=True),
+        *(Variant(name, f"(e{i}) {label}, regular step", base="hard90",
+                  sections=_hard90(topology_update={"name": name, "every": RIGL_EVERY}),
+                  requires=(("topology_update", name),), updates=True, note=note)
+          for i, (name, label, note) in enumerate(TOPOLOGY_ROWS, start=2)),
         Variant("s2sam", "(f) S2-SAM", base="hard90",
                 sections=_hard90(perturb=[{"name": "s2sam"}]), requires=(("perturb", "s2sam"),)),
         Variant("sam", "(g) SAM", base="hard90",
@@ -597,7 +612,7 @@ def measure_model(spec: ModelSpec, vlist: list[Variant], catalogue, device: torc
                 runner.step(x, y)
                 _sync(device)
                 estimate[v.key] = time.perf_counter() - t0
-            if v.key == "rigl":
+            if v.updates:
                 runner.update_step(x, y)
                 runner.step(x, y)
             _sync(device)
@@ -616,6 +631,7 @@ def measure_model(spec: ModelSpec, vlist: list[Variant], catalogue, device: torc
     # the untimed step re-warms caches after the previous variant's block
     blocks: list[tuple[str, Callable | None, Callable, int, int]] = []
     periods = {v.key: v.period for v in vlist}
+    updating = {v.key for v in vlist if v.updates}
     for key, runner in runners.items():
         est = estimate.get(key.partition("@")[0], 0.0)
         k = max(1, min(sizes.steps, math.ceil(BLOCK_S / max(est, 1e-6))))
@@ -623,8 +639,8 @@ def measure_model(spec: ModelSpec, vlist: list[Variant], catalogue, device: torc
         k = period * math.ceil(k / period)
         warm = runner.step if est < REWARM_BELOW_S else None
         blocks.append((key, warm, runner.step, k, sizes.repeats))
-        if key == "rigl":
-            blocks.append(("rigl@update", warm, runner.update_step, 1, sizes.repeats))
+        if key in updating:
+            blocks.append((f"{key}@update", warm, runner.update_step, 1, sizes.repeats))
         if getattr(runner, "has_epoch_hooks", False):
             runner.epoch(x, y)  # warm-up
             blocks.append((f"{key}@epoch", None, runner.epoch, 1, sizes.epoch_repeats))
@@ -688,7 +704,8 @@ def _pick_fastest_plain(results: dict[str, dict], runners: dict) -> None:
 
 
 def _derive(results: dict[str, dict], runners: dict) -> None:
-    """Ratios to the plain loop and to each variant's base; RigL amortised; AGENT per epoch."""
+    """Ratios to the plain loop and to each variant's base; topology updates amortised; AGENT
+    per epoch."""
     plain = results.get("plain", {}).get("median_ms")
 
     def ratio(a, b):
@@ -699,12 +716,12 @@ def _derive(results: dict[str, dict], runners: dict) -> None:
         rec["x_plain"] = ratio(t, plain)
         base = rec.get("base")
         rec["x_base"] = ratio(t, results.get(base, {}).get("median_ms")) if base else None
-        if key == "rigl" and "update" in rec and t is not None:
+        if "update" in rec and t is not None:
             upd = rec["update"]["median_ms"]
             amort = ((RIGL_EVERY - 1) * t + upd) / RIGL_EVERY
             rec["amortised"] = {"every": RIGL_EVERY, "median_ms": amort,
                                 "x_plain": ratio(amort, plain),
-                                "x_base": ratio(amort, results["hard90"].get("median_ms"))}
+                                "x_base": ratio(amort, results[base].get("median_ms"))}
         if "epoch" in rec and t is not None:
             b = runners[key].steps_per_epoch
             per_batch = t + rec["epoch"]["median_ms"] / b
@@ -814,7 +831,8 @@ def format_model_table(device: str, res: dict) -> str:
             f"{_f(r.get('peak_mb')):>8}")
         if "update" in r:
             u = r["update"]
-            lines.append(f"{'    RigL update step':<48} {_f(u['median_ms']):>10} "
+            label = f"    update step ({_f(u['median_ms'] / r['median_ms'])}x its regular)"
+            lines.append(f"{label:<48} {_f(u['median_ms']):>10} "
                          f"{_f(u['iqr_ms']):>8} {_f(u.get(other + '_ms')):>9} "
                          f"{_f(u['median_ms'] / results_plain(res)):>7}x")
             a = r["amortised"]

@@ -12,7 +12,10 @@ Conventions, shared by every component built on this module:
   read to the host once and each layer's selection is a partial top-k on exact integer keys
   (``host_counts``); with device counts a component takes no sync at all and one stable sort
   per layer (DSR syncs once per update for its threshold bookkeeping; GraNet once, at its
-  first update, when it measures its initial density). Global selections (GraNet's pruning) sort all layers at once.
+  first update, when it measures its initial density). Global selections (GraNet's pruning)
+  sort all layers at once, or with a host count rank them together by partial top-k
+  (:func:`select_global_indices`: GraNet on CPU masks, which reads its counts once per update
+  and edits the masks at indices like the methods above).
 * **Ties** are broken deterministically by position: among equal scores the lower flat index (and,
   for global selections, the earlier layer in model order) is chosen first, for dropping as for
   growing. The references break ties with tiny random noise instead.
@@ -150,6 +153,34 @@ def select_indices(
     return [_select_topk(s.reshape(-1).float(), c.reshape(-1), int(k[i]), largest, fill,
                          magnitude)
             for i, (s, c) in enumerate(zip(scores, candidates, strict=True))]
+
+
+def select_global_indices(
+    scores: Sequence[torch.Tensor],
+    candidates: Sequence[torch.Tensor],
+    k: int,
+    *,
+    largest: bool,
+) -> list[torch.Tensor]:
+    """One global selection over every layer with a host count: the ``k`` best candidates
+    of all ``scores`` together (ties to the lower flat index, the earlier layer first: the
+    entries :func:`select_per_segment` with ``single_segment`` picks), answered per layer as
+    flat indices (long tensors, in no particular order). Through :func:`_select_topk`, so a
+    large CPU selection takes the sampled pre-filter instead of a full sort."""
+    magnitude = isinstance(scores, Magnitudes)
+    layers = scores.signed if magnitude else list(scores)
+    if not layers:
+        return []
+    if k <= 0:  # (GraNet after its pruning phase: nothing to join and rank)
+        return [torch.zeros(0, dtype=torch.long, device=c.device) for c in candidates]
+    flat = torch.cat([s.reshape(-1).float() for s in layers])
+    cand = torch.cat([c.reshape(-1) for c in candidates])
+    fill = -math.inf if largest else math.inf
+    chosen = _select_topk(flat, cand, int(k), largest, fill, magnitude)
+    sizes = torch.tensor([s.numel() for s in layers], device=chosen.device)
+    ends = torch.cumsum(sizes, 0)
+    layer = torch.bucketize(chosen, ends, right=True)  # which layer each chosen index is in
+    return [chosen[layer == i] - (ends[i] - sizes[i]) for i in range(len(layers))]
 
 
 def _select_topk(flat, cand, k: int, largest, fill, magnitude=False) -> torch.Tensor:
@@ -451,7 +482,7 @@ class DropGrow:
         if not torch.is_tensor(k_drop):
             changes = self.drop_grow_indices(state, names, masks, k_drop,
                                              k_drop if k_grow is None else k_grow)
-            return [_edited(m, d, g) for m, (d, g) in zip(masks, changes, strict=True)]
+            return [edited_mask(m, d, g) for m, (d, g) in zip(masks, changes, strict=True)]
         dropped = select_per_segment(self.drop_scores(state, names), masks, k_drop, largest=False)
         after = [m & ~d for m, d in zip(masks, dropped, strict=True)]
         if self.cfg.regrow_dropped:
@@ -489,18 +520,34 @@ class DropGrow:
         """The masks after this update (the whole algorithm of a simple method)."""
         return self.drop_grow(state, names, masks, self.drop_counts(state, counts(masks)))
 
+    def index_path(self, old: list[torch.Tensor]) -> bool:
+        """Whether this update runs as :meth:`update_by_index` (else :meth:`new_masks` and
+        :meth:`commit`): for a method that changes only scores and counts (:meth:`new_masks`
+        not overridden) with :attr:`host_counts`. A method that overrides :meth:`new_masks`
+        may override this together with :meth:`index_changes`."""
+        return self.host_counts and type(self).new_masks is DropGrow.new_masks
+
+    def active_counts(self, state, names: list[str], old: list[torch.Tensor]) -> torch.Tensor:
+        """Active entries per layer (long device tensor): what the last index update left
+        when no mask changed since, else counted."""
+        active = self._counts_after_last_update(state.masks, names)
+        return counts(old) if active is None else active
+
+    def index_changes(self, state, names: list[str], old: list[torch.Tensor]
+                      ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """:meth:`new_masks` as indices: the active counts before the update and, per layer,
+        the flat indices to clear and then set (:meth:`drop_grow_indices`)."""
+        active = self.active_counts(state, names, old)
+        k = self.drop_counts(state, active).tolist()  # the update's one host sync
+        return active, self.drop_grow_indices(state, names, old, k, k)
+
     def update_by_index(self, state, names: list[str], old: list[torch.Tensor]):
-        """The update of a method that changes only scores and counts (:meth:`new_masks` not
-        overridden, :attr:`host_counts`): :meth:`new_masks` and :meth:`commit` on the changed
-        entries only. The masks are edited at the chosen indices
+        """:meth:`new_masks` and :meth:`commit` on the changed entries only
+        (:meth:`index_changes`): the masks are edited at the chosen indices
         (:meth:`~sparsefw.masks.MaskSet.update_at`) and the counts follow from the indices,
         instead of building, comparing and converting whole masks; the masks, metrics and
         answer are the same."""
-        active = self._counts_after_last_update(state.masks, names)
-        if active is None:
-            active = counts(old)
-        k = self.drop_counts(state, active).tolist()  # the update's one host sync
-        changes = self.drop_grow_indices(state, names, old, k, k)
+        active, changes = self.index_changes(state, names, old)
         # a grown entry active before the update was dropped and re-grown: its mask is kept
         regrown = torch.stack([_count_at(m, g) for m, (_, g) in zip(old, changes, strict=True)])
         chosen = torch.tensor([[d.numel(), g.numel()] for d, g in changes],
@@ -591,7 +638,7 @@ class DropGrow:
             return None
         old = [state.masks.masks[n] for n in names]
         with torch.no_grad():
-            if self.host_counts and type(self).new_masks is DropGrow.new_masks:
+            if self.index_path(old):
                 return self.update_by_index(state, names, old)
             new = self.new_masks(state, names, old)
             return self.commit(state, names, old, new)
@@ -616,7 +663,8 @@ class DropGrow:
         self.load_extra_state(plugin_state)
 
 
-def _edited(mask: torch.Tensor, dropped: torch.Tensor, grown: torch.Tensor) -> torch.Tensor:
+def edited_mask(mask: torch.Tensor, dropped: torch.Tensor, grown: torch.Tensor
+                ) -> torch.Tensor:
     """A copy of ``mask`` with the flat indices ``dropped`` cleared, then ``grown`` set."""
     out = mask.clone(memory_format=torch.contiguous_format)
     flat = out.view(-1)
@@ -677,5 +725,6 @@ def random_scores(state, names: list[str]) -> list[torch.Tensor]:
 
 __all__ = [
     "DECAYS", "DropGrow", "DropGrowConfig", "Magnitudes", "cosine_fraction", "counts",
-    "grad_abs", "random_scores", "reallocate", "select_indices", "select_per_segment",
+    "edited_mask", "grad_abs", "random_scores", "reallocate", "select_global_indices",
+    "select_indices", "select_per_segment",
 ]

@@ -318,6 +318,45 @@ def _reference_twin(comp):
 
 @pytest.mark.parametrize("sampled", [False, True])
 @given(
+    layer_shapes=shapes, density=st.floats(0.05, 1.0), target=st.floats(0.05, 1.0),
+    seed=st.integers(0, 2**16), alpha=st.floats(0.0, 1.0), regrow=st.booleans(),
+    updates=st.integers(1, 3),
+)
+def test_granet_host_counts_on_cpu_equal_the_sorting_path(sampled, layer_shapes, density, target,
+                                                          seed, alpha, regrow, updates):
+    """GraNet on CPU masks (counts read to the host, global pruning and per-layer drop and
+    regrowth by partial top-k on indices) leaves exactly the masks, reported changes, metrics
+    and ever-active masks of its device path (full stable sorts, counts on the device), over a
+    few updates; ``sampled``: every layer through the sampled pre-filter."""
+    from sparsefw import topology
+
+    fast = emulated_state(layer_shapes, density, seed, alpha, target)
+    slow = emulated_state(layer_shapes, density, seed, alpha, target)
+    comp = build("granet", regrow)
+    ref = type("SortingGraNet", (GraNet,), {"cpu_host_counts": False})(comp.cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        if sampled:
+            mp.setattr(topology, "SAMPLED_MIN_NUMEL", 0)
+        for _ in range(updates):
+            got = comp.sparsefw_topology_update(state=fast)
+            want = ref.sparsefw_topology_update(state=slow)
+            for n in fast.masks.names:
+                assert torch.equal(fast.masks.masks[n], slow.masks.masks[n])
+                assert torch.equal(got.dropped[n], want.dropped[n])
+                assert torch.equal(got.grown[n], want.grown[n])
+                assert torch.equal(comp.explored[n], ref.explored[n])
+            assert fast.metrics.keys() == slow.metrics.keys()
+            for key, value in fast.metrics.items():
+                assert torch.equal(value, slow.metrics[key]), key
+            for st_ in (fast, slow):  # the weights move between updates, as in training
+                st_.masks.apply_()
+                for p in st_.masks.params.values():
+                    p.grad.copy_(p.grad.roll(1) * 0.5)
+                    p.data.add_(p.grad.roll(2) * 0.25)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+@given(
     layer_shapes=shapes, density=st.floats(0.05, 1.0), seed=st.integers(0, 2**16),
     alpha=st.floats(0.0, 1.0), method=st.sampled_from(("set", "rigl", "mest", "itop")),
     regrow=st.booleans(), updates=st.integers(1, 3),

@@ -82,9 +82,8 @@ class DSR(DropGrow):
         # free entries: all inactive after the prune, or only those inactive before it
         room = [m.numel() - r - (0 if c.regrow_dropped else k)
                 for m, r, k in zip(masks, r_l, k_l, strict=True)]
-        share = reallocate(freed, r_l, room)
-        k = torch.tensor(share, dtype=torch.long, device=masks[0].device)
-        grown = select_per_segment(self.grow_scores(state, names), cand, k, largest=True)
+        share = reallocate(freed, r_l, room)  # (host counts: partial top-k, not full sorts)
+        grown = select_per_segment(self.grow_scores(state, names), cand, share, largest=True)
         return [a | g for a, g in zip(after, grown, strict=True)]
 
     def extra_state(self):

@@ -24,6 +24,7 @@ density (see docs/methods/granet.md).
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import attrs
@@ -32,7 +33,15 @@ import torch
 from sparsefw.config import in_range
 from sparsefw.hookspecs import hookimpl
 from sparsefw.schedules import cosine_remaining, cubic_remaining, progress, span
-from sparsefw.topology import DropGrow, DropGrowConfig, counts, grad_abs, select_per_segment
+from sparsefw.topology import (
+    DropGrow,
+    DropGrowConfig,
+    counts,
+    edited_mask,
+    grad_abs,
+    select_global_indices,
+    select_per_segment,
+)
 
 
 @attrs.frozen
@@ -62,6 +71,11 @@ class GraNet(DropGrow):
 
     #: no count sync: the global pruning already keeps its counts on the device
     host_counts: ClassVar[bool] = False
+    #: on the CPU (where reading counts costs nothing) select on indices with host counts
+    #: instead of full stable sorts and edit the masks at them (:meth:`index_changes`: the
+    #: same masks; an update ~35x faster on the benchmark MLP); False: the device path
+    #: everywhere
+    cpu_host_counts: ClassVar[bool] = True
 
     #: d_i as used (configured or measured at the first update)
     initial_density: float | None = None
@@ -74,16 +88,20 @@ class GraNet(DropGrow):
             return self.cfg.final_density
         return float(state.config.sparsity.density)
 
-    def density_target(self, state, masks) -> float:
-        """d_t at this step (measuring d_i at the first update when it is not configured)."""
+    def density_target(self, state, masks, active: int | None = None) -> float:
+        """d_t at this step (measuring d_i at the first update when it is not configured:
+        from ``active``, the active entries of ``masks`` when the caller has read them, else
+        with one host sync)."""
         if "density" in state.values:
             return float(state.values["density"])
         if self.initial_density is None:
             if self.cfg.initial_density is not None:
                 self.initial_density = self.cfg.initial_density
-            else:  # one host sync, at the first update only
+            else:
                 total = sum(m.numel() for m in masks)
-                self.initial_density = counts(masks).sum().item() / max(total, 1)
+                if active is None:  # one host sync, at the first update only
+                    active = counts(masks).sum().item()
+                self.initial_density = active / max(total, 1)
         c = self.cfg
         t1 = int(c.prune_end * state.total_steps) if c.prune_end <= 1 else int(c.prune_end)
         return cubic_density(self.initial_density, self.final_density(state), state.step,
@@ -96,22 +114,53 @@ class GraNet(DropGrow):
         u = progress(state.step, 0, max(state.total_steps, 1))
         return span(cosine_remaining, c.drop_fraction, c.drop_fraction_end, u)
 
-    def drop_counts(self, state, active):
+    def _alpha(self, state, device) -> float:
+        """α at this step, logged as ``topology/drop_fraction``."""
         alpha = self.drop_fraction(state)
-        state.metrics["topology/drop_fraction"] = torch.tensor(alpha, device=active.device)
-        return torch.ceil(active.double() * alpha).long()
+        state.metrics["topology/drop_fraction"] = torch.tensor(alpha, device=device)
+        return alpha
+
+    def drop_counts(self, state, active):
+        return torch.ceil(active.double() * self._alpha(state, active.device)).long()
+
+    def index_path(self, old):
+        return self.cpu_host_counts and old[0].device.type == "cpu"
+
+    def _density_metric(self, state, masks, device, active: int | None = None) -> int:
+        """Entries the global pruning keeps at this step (``round(d_t·N)``); logs d_t."""
+        d_t = self.density_target(state, masks, active)
+        state.metrics["topology/density_target"] = torch.tensor(d_t, device=device)
+        return round(d_t * sum(m.numel() for m in masks))
 
     def new_masks(self, state, names, masks):
-        d_t = self.density_target(state, masks)
-        total = sum(m.numel() for m in masks)
-        keep = round(d_t * total)
+        """The device path: counts stay on the device, selections are full stable sorts (the
+        global pruning one over every layer)."""
         active = counts(masks)
-        state.metrics["topology/density_target"] = torch.tensor(d_t, device=active.device)
+        keep = self._density_metric(state, masks, active.device)
         excess = (active.sum() - keep).clamp(min=0).reshape(1)
         pruned = select_per_segment(self.drop_scores(state, names), masks, excess,
                                     largest=False, single_segment=True)
         after = [m & ~p for m, p in zip(masks, pruned, strict=True)]
         return self.drop_grow(state, names, after, self.drop_counts(state, counts(after)))
+
+    def index_changes(self, state, names, old):
+        """The CPU path (:attr:`cpu_host_counts`): counts read to the host, the global pruning
+        and the per-layer drop and regrowth by partial top-k on indices; the pruned and the
+        dropped entries are cleared together."""
+        active = self.active_counts(state, names, old)
+        n_active = active.tolist()  # the update's one read (free on the CPU)
+        keep = self._density_metric(state, old, active.device, sum(n_active))
+        pruned = select_global_indices(self.drop_scores(state, names), old,
+                                       max(sum(n_active) - keep, 0), largest=False)
+        after = [edited_mask(m, p, p[:0]) if p.numel() else m
+                 for m, p in zip(old, pruned, strict=True)]
+        alpha = self._alpha(state, active.device)
+        # (float64 products, as drop_counts' on a tensor)
+        k = [math.ceil(float(a - p.numel()) * alpha) for a, p in zip(n_active, pruned,
+                                                                     strict=True)]
+        changes = self.drop_grow_indices(state, names, after, k, k)
+        return active, [(torch.cat([p, d]), g) for p, (d, g) in zip(pruned, changes,
+                                                                    strict=True)]
 
     def extra_state(self):
         return {"initial_density": self.initial_density}

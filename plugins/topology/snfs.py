@@ -62,7 +62,10 @@ class SNFS(DropGrow):
 
     def new_masks(self, state, names, masks):
         k_drop = self.drop_counts(state, counts(masks))
-        dropped = select_per_segment(self.drop_scores(state, names), masks, k_drop,
+        # on the CPU the counts are host memory already (a numpy view reads them without a
+        # device sync): the drop selects by partial top-k instead of one full sort per layer
+        k_select = k_drop.numpy().tolist() if k_drop.device.type == "cpu" else k_drop
+        dropped = select_per_segment(self.drop_scores(state, names), masks, k_select,
                                      largest=False)
         after = [m & ~d for m, d in zip(masks, dropped, strict=True)]
         momentum = self._momentum(state, names)
