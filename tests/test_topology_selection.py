@@ -202,3 +202,27 @@ def test_blocked_prefilter_keeps_what_whole_array_passes_keep(n, palette, densit
     expect = np.flatnonzero(c & ~worse)
     got = topology._kept(s, c, t, largest, magnitude)
     assert np.array_equal(got, expect)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+@given(sizes=st.lists(st.integers(1, 400), min_size=1, max_size=4),
+       palette=st.lists(st.sampled_from(PALETTE), min_size=1, max_size=5),
+       density=st.sampled_from([0.05, 0.5, 1.0]), seed=st.integers(0, 2**16),
+       largest=st.booleans(), magnitude=st.booleans(), data=st.data())
+def test_global_host_selection_equals_the_one_sort_over_all_layers(
+        sampled, sizes, palette, density, seed, largest, magnitude, data):
+    """``select_global_indices`` (a host count, answered per layer) picks the entries of the
+    reference rule applied to all layers joined in model order: ties to the lower flat index,
+    so to the earlier layer; ``magnitude``: the scores are the absolute values."""
+    scores, cand = draw(sum(sizes), palette, density, seed)
+    k = data.draw(st.integers(-1, sum(sizes) + 3))
+    expect = reference(scores.abs() if magnitude else scores, cand, max(k, 0), largest)
+    layers = list(scores.split(sizes))
+    given_scores = Magnitudes(layers) if magnitude else layers
+    with pytest.MonkeyPatch.context() as mp:
+        if sampled:
+            mp.setattr(topology, "SAMPLED_MIN_NUMEL", 0)
+        out = topology.select_global_indices(given_scores, list(cand.split(sizes)), k,
+                                             largest=largest)
+    got = torch.cat([as_mask(i, n) for i, n in zip(out, sizes, strict=True)])
+    assert torch.equal(got, expect)
