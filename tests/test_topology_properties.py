@@ -316,6 +316,31 @@ def _reference_twin(comp):
     return twin(comp.cfg)
 
 
+def _assert_updates_agree(comp, fast, ref, slow, updates: int, move_weights: bool = False):
+    """``updates`` updates of ``comp`` on ``fast`` and ``ref`` on ``slow`` (twin states) leave
+    the same masks (bool and stored 0/1), reported changes, metrics and ever-active masks after
+    each; between updates the gradients (and, with ``move_weights``, the weights) move as in
+    training."""
+    for _ in range(updates):
+        got = comp.sparsefw_topology_update(state=fast)
+        want = ref.sparsefw_topology_update(state=slow)
+        for n in fast.masks.names:
+            assert torch.equal(fast.masks.masks[n], slow.masks.masks[n])
+            assert torch.equal(fast.masks.float_mask(n), slow.masks.masks[n].float())
+            assert torch.equal(got.dropped[n], want.dropped[n])
+            assert torch.equal(got.grown[n], want.grown[n])
+            assert torch.equal(comp.explored[n], ref.explored[n])
+        assert fast.metrics.keys() == slow.metrics.keys()
+        for key, value in fast.metrics.items():
+            assert torch.equal(value, slow.metrics[key]), key
+        for st_ in (fast, slow):
+            st_.masks.apply_()
+            for p in st_.masks.params.values():
+                p.grad.copy_(p.grad.roll(1) * 0.5)
+                if move_weights:
+                    p.data.add_(p.grad.roll(2) * 0.25)
+
+
 @pytest.mark.parametrize("sampled", [False, True])
 @given(
     layer_shapes=shapes, density=st.floats(0.05, 1.0), target=st.floats(0.05, 1.0),
@@ -337,22 +362,7 @@ def test_granet_host_counts_on_cpu_equal_the_sorting_path(sampled, layer_shapes,
     with pytest.MonkeyPatch.context() as mp:
         if sampled:
             mp.setattr(topology, "SAMPLED_MIN_NUMEL", 0)
-        for _ in range(updates):
-            got = comp.sparsefw_topology_update(state=fast)
-            want = ref.sparsefw_topology_update(state=slow)
-            for n in fast.masks.names:
-                assert torch.equal(fast.masks.masks[n], slow.masks.masks[n])
-                assert torch.equal(got.dropped[n], want.dropped[n])
-                assert torch.equal(got.grown[n], want.grown[n])
-                assert torch.equal(comp.explored[n], ref.explored[n])
-            assert fast.metrics.keys() == slow.metrics.keys()
-            for key, value in fast.metrics.items():
-                assert torch.equal(value, slow.metrics[key]), key
-            for st_ in (fast, slow):  # the weights move between updates, as in training
-                st_.masks.apply_()
-                for p in st_.masks.params.values():
-                    p.grad.copy_(p.grad.roll(1) * 0.5)
-                    p.data.add_(p.grad.roll(2) * 0.25)
+        _assert_updates_agree(comp, fast, ref, slow, updates, move_weights=True)
 
 
 @pytest.mark.parametrize("sampled", [False, True])
@@ -379,19 +389,4 @@ def test_index_update_equals_the_whole_mask_update(sampled, layer_shapes, densit
         if sampled:  # (and the masks edited through numpy views)
             mp.setattr(topology, "SAMPLED_MIN_NUMEL", 0)
             mp.setattr(masks_mod, "NUMPY_MIN_NUMEL", 0)
-        for _ in range(updates):
-            got = comp.sparsefw_topology_update(state=fast)
-            want = ref.sparsefw_topology_update(state=slow)
-            for n in fast.masks.names:
-                assert torch.equal(fast.masks.masks[n], slow.masks.masks[n])
-                assert torch.equal(fast.masks.float_mask(n), slow.masks.masks[n].float())
-                assert torch.equal(got.dropped[n], want.dropped[n])
-                assert torch.equal(got.grown[n], want.grown[n])
-                assert torch.equal(comp.explored[n], ref.explored[n])
-            assert fast.metrics.keys() == slow.metrics.keys()
-            for key, value in fast.metrics.items():
-                assert torch.equal(value, slow.metrics[key]), key
-            for st_ in (fast, slow):  # the weights move between updates, as in training
-                st_.masks.apply_()
-                for p in st_.masks.params.values():
-                    p.grad.copy_(p.grad.roll(1) * 0.5)
+        _assert_updates_agree(comp, fast, ref, slow, updates)
