@@ -73,7 +73,7 @@ class GraNet(DropGrow):
     host_counts: ClassVar[bool] = False
     #: on the CPU (where reading counts costs nothing) select on indices with host counts
     #: instead of full stable sorts and edit the masks at them (:meth:`index_changes`: the
-    #: same masks; an update ~35x faster on the benchmark MLP); False: the device path
+    #: same masks; an update ~25x faster on the benchmark MLP); False: the device path
     #: everywhere
     cpu_host_counts: ClassVar[bool] = True
 
