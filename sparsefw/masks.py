@@ -49,6 +49,16 @@ def flat_numpy(t: torch.Tensor) -> np.ndarray | None:
             or t.dtype not in _NUMPY_DTYPES):
         return None
     return t.detach().numpy().reshape(-1)
+def fill_at(t: torch.Tensor, idx: torch.Tensor, value) -> None:
+    """``t.view(-1)[idx] = value`` in place for a contiguous ``t`` (long flat indices on its
+    device), through :func:`flat_numpy` where that is the faster way."""
+    flat = flat_numpy(t)
+    if flat is not None:
+        flat[idx.numpy()] = value
+    else:
+        t.view(-1).index_fill_(0, idx, value)
+
+
 _SPARSIFIABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -453,12 +463,8 @@ class MaskSet:
         if not fmask.is_contiguous():
             fmask = self._float[name] = fmask.contiguous()
             self._lists_cache = None
-        flat = flat_numpy(fmask)
-        if flat is not None:
-            flat[drop.numpy()] = 0
-            flat[grow.numpy()] = 1
-        else:
-            fmask.view(-1).index_fill_(0, drop, 0).index_fill_(0, grow, 1)
+        fill_at(fmask, drop, 0)
+        fill_at(fmask, grow, 1)
         self.masks._forget(name)
         self.version[name] += 1
         if name not in self._sparse:  # conservatively: it may hold zeros now

@@ -44,7 +44,7 @@ import torch
 
 from sparsefw.config import in_range, one_of
 from sparsefw.hookspecs import hookimpl
-from sparsefw.masks import flat_numpy
+from sparsefw.masks import fill_at, flat_numpy
 from sparsefw.schedules import cosine_remaining, linear_remaining, progress
 from sparsefw.state import TopologyChange, UpdateInterval
 
@@ -508,11 +508,7 @@ class DropGrow:
         cand = [(~m).contiguous() for m in masks]
         if self.cfg.regrow_dropped:  # inactive after the drop
             for c, d in zip(cand, dropped, strict=True):
-                flat = flat_numpy(c)
-                if flat is not None:
-                    flat[d.numpy()] = True
-                else:
-                    c.view(-1).index_fill_(0, d, True)
+                fill_at(c, d, True)
         grown = select_indices(self.grow_scores(state, names), cand, k_grow, largest=True)
         return list(zip(dropped, grown, strict=True))
 
@@ -528,10 +524,14 @@ class DropGrow:
         return self.host_counts and type(self).new_masks is DropGrow.new_masks
 
     def active_counts(self, state, names: list[str], old: list[torch.Tensor]) -> torch.Tensor:
-        """Active entries per layer (long device tensor): what the last index update left
-        when no mask changed since, else counted."""
-        active = self._counts_after_last_update(state.masks, names)
-        return counts(old) if active is None else active
+        """Active entries per layer (long device tensor): what this component's last index
+        update left when no mask changed since (same MaskSet, same mask versions), else
+        counted."""
+        if self._last_counts is not None:
+            ref, versions, active = self._last_counts
+            if ref() is state.masks and versions == [state.masks.version[n] for n in names]:
+                return active
+        return counts(old)
 
     def index_changes(self, state, names: list[str], old: list[torch.Tensor]
                       ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -559,16 +559,6 @@ class DropGrow:
         self._last_counts = (weakref.ref(state.masks), [state.masks.version[n] for n in names],
                              active - dropped + grown)
         return self.report(state, names, dropped, grown)
-
-    def _counts_after_last_update(self, masks, names: list[str]) -> torch.Tensor | None:
-        """The active counts this component's last index update left, if no mask changed
-        since (same MaskSet, same mask versions); else None (count them)."""
-        if self._last_counts is None:
-            return None
-        ref, versions, active = self._last_counts
-        if ref() is not masks or versions != [masks.version[n] for n in names]:
-            return None
-        return active
 
     def commit(self, state, names: list[str], old: list[torch.Tensor], new: list[torch.Tensor]):
         """Write ``new`` masks, log the per-layer changes and the exploration rate, and build the
@@ -667,9 +657,8 @@ def edited_mask(mask: torch.Tensor, dropped: torch.Tensor, grown: torch.Tensor
                 ) -> torch.Tensor:
     """A copy of ``mask`` with the flat indices ``dropped`` cleared, then ``grown`` set."""
     out = mask.clone(memory_format=torch.contiguous_format)
-    flat = out.view(-1)
-    flat[dropped] = False
-    flat[grown] = True
+    fill_at(out, dropped, False)
+    fill_at(out, grown, True)
     return out
 
 
