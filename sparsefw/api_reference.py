@@ -18,7 +18,7 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Masks", "sparsefw.masks", ("MaskSet", "topk_mask", "sparsifiable_params")),
     ("Drop-and-grow building blocks", "sparsefw.topology",
      ("DropGrow", "DropGrowConfig", "select_per_segment", "counts", "grad_abs",
-      "random_scores", "reallocate", "cosine_fraction")),
+      "random_scores", "RandomScores", "reallocate", "cosine_fraction")),
     ("Config validators and errors", "sparsefw.config", ("in_range", "one_of", "ConfigError")),
     ("Registration", "sparsefw.registry",
      ("Registry", "Entry", "EmptyConfig", "hook_problems", "NameClashError",

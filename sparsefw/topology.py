@@ -71,6 +71,99 @@ class Magnitudes(Sequence[torch.Tensor]):
         return self.signed[i].abs()
 
 
+class RandomScores(Sequence[torch.Tensor]):
+    """Per-layer uniform random scores in ``[0, 1)`` from ``generator``, drawn on first read
+    (one draw over all layers in order, as ``torch.rand`` of their total size).
+
+    The ``k`` best of independent uniform scores among the candidates are a uniformly random
+    ``k``-subset of the candidates, whatever the scores' values: that is all a random growth
+    (SET, DSR, MEST, ITOP) asks of them. So :func:`select_indices` never reads these scores on
+    large CPU layers (at least :data:`RANDOM_SUBSET_MIN_NUMEL` entries): it draws the subset
+    itself (:func:`sample_candidates`, a few draws per chosen entry instead of one per entry
+    of the layer), and scores other layers one by one, in order (the same numbers as the one
+    draw when no layer before them was sampled)."""
+
+    def __init__(self, shapes: Sequence[torch.Size], generator: torch.Generator | None,
+                 device: torch.device):
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.generator = generator
+        self.device = torch.device(device)
+        self._drawn: list[torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, i):
+        if self._drawn is None:
+            sizes = [s.numel() for s in self.shapes]
+            flat = torch.rand(sum(sizes), generator=self.generator, device=self.device)
+            self._drawn = [f.view(s) for f, s in zip(flat.split(sizes), self.shapes,
+                                                     strict=True)]
+        return self._drawn[i]
+
+    def draw(self, i: int) -> torch.Tensor:
+        """Fresh flat scores for layer ``i`` alone (what :func:`select_indices` reads)."""
+        return torch.rand(self.shapes[i].numel(), generator=self.generator, device=self.device)
+
+    def samples_directly(self, candidates: torch.Tensor) -> bool:
+        """Whether :func:`select_indices` draws this layer's subset itself (a large CPU layer)."""
+        gen = self.generator
+        return (candidates.device.type == "cpu"
+                and candidates.numel() >= RANDOM_SUBSET_MIN_NUMEL
+                and (gen is None or gen.device.type == "cpu"))
+
+
+#: CPU layers with at least this many entries grow at random by drawing the chosen positions
+#: (:func:`sample_candidates`) instead of a score for every entry (:class:`RandomScores`)
+RANDOM_SUBSET_MIN_NUMEL = 1 << 16
+
+
+def sample_candidates(cand: np.ndarray, k: int, generator: torch.Generator | None
+                      ) -> np.ndarray | None:
+    """A uniformly random ``k``-subset of the candidates (the True entries of the flat bool
+    array ``cand``), as increasing flat indices, from torch's ``generator``; every candidate
+    when ``k`` is at least their count. ``None``, drawing nothing, when ``k`` is more than
+    half of them (then scoring every entry is as cheap).
+
+    Positions are drawn uniformly with replacement (over the whole layer when at least a
+    quarter of it are candidates, the others rejected; else over the candidates' indices)
+    until at least ``k`` distinct candidates were hit; of those, a uniform random rest (drawn
+    the same way) is left out. Given how many distinct candidates the draws hit, which ones
+    they are is uniform over the subsets of that size (the draws are exchangeable and when to
+    stop depends on that count only), so the ``k`` kept are a uniform ``k``-subset: the
+    distribution of the ``k`` best of uniform scores, at a few draws per chosen entry instead
+    of one per entry of the layer."""
+    n_c = int(np.count_nonzero(cand))
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if k >= n_c:
+        return np.flatnonzero(cand)
+    if 2 * k > n_c:
+        return None
+    universe = None if 4 * n_c >= cand.size else np.flatnonzero(cand)
+    size = cand.size if universe is None else n_c
+    small = size < 2**31  # int32 positions: half the bytes to draw and sort
+    dtype = torch.int32 if small else torch.int64
+    chosen = np.zeros(0, dtype=np.int32 if small else np.int64)
+    while chosen.size < k:
+        # draws landing on candidates that reach k distinct from chosen.size (coupon
+        # collector's expectation plus a margin), over the fraction that lands on candidates
+        hits = n_c * math.log((n_c - chosen.size) / (n_c - k))
+        m = int((hits + 4.0 * math.sqrt(hits) + 16) * size / n_c) + 1
+        pos = torch.randint(size, (m,), generator=generator, dtype=dtype).numpy()
+        pos = pos[cand.take(pos)] if universe is None else universe.take(pos)
+        both = np.sort(np.concatenate([chosen, pos]))
+        chosen = both[np.concatenate([[True], both[1:] != both[:-1]])]
+    if chosen.size > k:  # a uniform k-subset of them, in order: leave out a uniform rest
+        extra = chosen.size - k
+        if 8 * extra <= chosen.size:  # a few: drawn the same way (a much smaller draw)
+            out = sample_candidates(np.ones(chosen.size, dtype=np.bool_), extra, generator)
+        else:
+            out = torch.randperm(chosen.size, generator=generator)[:extra].numpy()
+        chosen = np.delete(chosen, out)
+    return chosen.astype(np.int64, copy=False)
+
+
 def select_per_segment(
     scores: Sequence[torch.Tensor],
     candidates: Sequence[torch.Tensor],
@@ -147,6 +240,8 @@ def select_indices(
     ``magnitude`` (implied by :class:`Magnitudes` scores): the scores are ``|scores[i]|``;
     large CPU layers then compare ``scores[i]`` with ``±t`` instead of building the absolute
     values."""
+    if isinstance(scores, RandomScores):
+        return _select_random(scores, candidates, k, largest)
     if isinstance(scores, Magnitudes):
         scores, magnitude = scores.signed, True
     fill = -math.inf if largest else math.inf
@@ -181,6 +276,24 @@ def select_global_indices(
     ends = torch.cumsum(sizes, 0)
     layer = torch.bucketize(chosen, ends, right=True)  # which layer each chosen index is in
     return [chosen[layer == i] - (ends[i] - sizes[i]) for i in range(len(layers))]
+
+
+def _select_random(scores: RandomScores, candidates: Sequence[torch.Tensor], k: Sequence[int],
+                   largest: bool) -> list[torch.Tensor]:
+    """:func:`select_indices` of :class:`RandomScores`, layer by layer in order: a large CPU
+    layer's subset drawn directly (:func:`sample_candidates`; the smallest ``k`` of uniform
+    scores are as uniform a subset as the largest), any other layer scored and selected."""
+    fill = -math.inf if largest else math.inf
+    out = []
+    for i, c in enumerate(candidates):
+        flat = c.reshape(-1)
+        if scores.samples_directly(flat):
+            chosen = sample_candidates(flat.numpy(), int(k[i]), scores.generator)
+            if chosen is not None:
+                out.append(torch.from_numpy(chosen))
+                continue
+        out.append(_select_topk(scores.draw(i), flat, int(k[i]), largest, fill))
+    return out
 
 
 def _select_topk(flat, cand, k: int, largest, fill, magnitude=False) -> torch.Tensor:
@@ -702,18 +815,16 @@ def grad_abs(state, names: list[str]) -> Magnitudes:
                       for p in params)
 
 
-def random_scores(state, names: list[str]) -> list[torch.Tensor]:
-    """Uniform random scores per layer from the run's seeded generator (one draw for all)."""
+def random_scores(state, names: list[str]) -> RandomScores:
+    """Uniform random scores per layer from the run's seeded generator (:class:`RandomScores`:
+    drawn when read, or not at all where a random subset is drawn directly)."""
     params = [state.masks.params[n] for n in names]
-    total = sum(p.numel() for p in params)
     device = params[0].device if params else state.device
-    flat = torch.rand(total, generator=state.generator, device=device)
-    return [f.view_as(p) for f, p in zip(flat.split([p.numel() for p in params]), params,
-                                         strict=True)]
+    return RandomScores([p.shape for p in params], state.generator, device)
 
 
 __all__ = [
-    "DECAYS", "DropGrow", "DropGrowConfig", "Magnitudes", "cosine_fraction", "counts",
-    "edited_mask", "grad_abs", "random_scores", "reallocate", "select_global_indices",
-    "select_indices", "select_per_segment",
+    "DECAYS", "DropGrow", "DropGrowConfig", "Magnitudes", "RandomScores", "cosine_fraction",
+    "counts", "edited_mask", "grad_abs", "random_scores", "reallocate", "sample_candidates",
+    "select_global_indices", "select_indices", "select_per_segment",
 ]
