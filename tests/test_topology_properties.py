@@ -391,6 +391,32 @@ def test_granet_host_counts_on_cpu_equal_the_sorting_path(sampled, layer_shapes,
         _assert_updates_agree(comp, fast, ref, slow, updates, move_weights=True)
 
 
+@pytest.mark.parametrize("numpy_views", [False, True])
+@given(
+    layer_shapes=shapes, density=st.floats(0.05, 1.0), seed=st.integers(0, 2**16),
+    threshold=st.sampled_from([0.1, 0.25, 0.3, 0.5, 1.0]), regrow=st.booleans(),
+    updates=st.integers(1, 3),
+)
+def test_dsr_index_path_equals_the_whole_mask_path(numpy_views, layer_shapes, density, seed,
+                                                   threshold, regrow, updates):
+    """DSR on CPU masks (pruned entries found as indices, the shares grown at indices, masks
+    edited there) leaves exactly the masks, reported changes, metrics, thresholds and
+    ever-active masks of its whole-mask path, over a few reallocations; ``numpy_views``: the
+    pruned entries found and the masks edited through numpy views (large CPU layers)."""
+    from sparsefw import masks as masks_mod
+
+    fast = emulated_state(layer_shapes, density, seed, 0.0, 0.5)
+    slow = emulated_state(layer_shapes, density, seed, 0.0, 0.5)
+    cfg = DSRConfig(initial_threshold=threshold, regrow_dropped=regrow)
+    comp = DSR(cfg)
+    ref = type("WholeMaskDSR", (DSR,), {"cpu_host_counts": False})(cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        if numpy_views:
+            mp.setattr(masks_mod, "NUMPY_MIN_NUMEL", 0)
+        _assert_updates_agree(comp, fast, ref, slow, updates, move_weights=True)
+        assert comp.threshold == ref.threshold and comp.target == ref.target
+
+
 @pytest.mark.parametrize("sampled", [False, True])
 @given(
     layer_shapes=shapes, density=st.floats(0.05, 1.0), seed=st.integers(0, 2**16),

@@ -16,22 +16,30 @@ Every ``every`` steps (a *reallocation*):
 DSR therefore changes the per-layer counts while keeping the global count. Defaults follow the
 reference code (IntelAI dynamic-reparameterization): initial H = 0.001, N_p a fraction 0.01 of
 the parameters, δ = 0.1. The component reads the counts back to the host once per
-reallocation (for H and the integer allocation).
+reallocation (for H and the integer allocation). On CPU masks it edits the masks at the
+pruned and grown indices (:meth:`DSR.index_changes`) instead of building whole new masks; both
+paths leave the same masks (tested), the random growth aside (drawn differently on large CPU
+layers, :func:`sparsefw.topology.sample_candidates`).
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import attrs
+import numpy as np
 import torch
 
 from sparsefw.config import in_range
 from sparsefw.hookspecs import hookimpl
+from sparsefw.masks import fill_at, flat_numpy
 from sparsefw.topology import (
     DropGrow,
     DropGrowConfig,
     counts,
     random_scores,
     reallocate,
+    select_indices,
     select_per_segment,
 )
 
@@ -54,19 +62,58 @@ class DSR(DropGrow):
     contract_hints = {"keeps_counts": False}
     threshold: float | None = None
     target: int | None = None
+    #: CPU masks take the index path (:meth:`index_changes`); False: whole masks everywhere
+    cpu_host_counts: ClassVar[bool] = True
 
     def grow_scores(self, state, names):
         return random_scores(state, names)
 
     def new_masks(self, state, names, masks):
-        c = self.cfg
-        if self.threshold is None:
-            self.threshold = c.initial_threshold
+        """The whole-mask path (device masks): new bool masks built from the old ones."""
         params = [state.masks.params[n].detach() for n in names]
-        pruned = [m & (p.abs() < self.threshold) for m, p in zip(masks, params, strict=True)]
+        threshold = self._threshold()
+        pruned = [m & (p.abs() < threshold) for m, p in zip(masks, params, strict=True)]
         after = [m & ~d for m, d in zip(masks, pruned, strict=True)]
         # the one host sync of a reallocation: pruned and surviving counts per layer
         k_l, r_l = torch.stack([counts(pruned), counts(after)]).tolist()
+        share = self._reallocation(state, masks, k_l, r_l)
+        if self.cfg.regrow_dropped:
+            cand = [~a for a in after]
+        else:
+            cand = [~m for m in masks]
+        grown = select_per_segment(self.grow_scores(state, names), cand, share, largest=True)
+        return [a | g for a, g in zip(after, grown, strict=True)]
+
+    def index_path(self, old):
+        return self.cpu_host_counts and old[0].device.type == "cpu"
+
+    def index_changes(self, state, names, old):
+        """The CPU path: the pruned entries found as flat indices, the shares grown at
+        indices (:func:`~sparsefw.topology.select_indices`); the masks are edited there."""
+        params = [state.masks.params[n].detach() for n in names]
+        threshold = self._threshold()
+        pruned = [_active_below(m, p, threshold) for m, p in zip(old, params, strict=True)]
+        active = self.active_counts(state, names, old)
+        k_l = [d.numel() for d in pruned]
+        r_l = [a - k for a, k in zip(active.tolist(), k_l, strict=True)]
+        share = self._reallocation(state, old, k_l, r_l)
+        cand = [(~m).contiguous() for m in old]
+        if self.cfg.regrow_dropped:  # inactive after the prune
+            for c, d in zip(cand, pruned, strict=True):
+                fill_at(c, d, True)
+        grown = select_indices(self.grow_scores(state, names), cand, share, largest=True)
+        return active, list(zip(pruned, grown, strict=True))
+
+    def _threshold(self) -> float:
+        if self.threshold is None:
+            self.threshold = self.cfg.initial_threshold
+        return self.threshold
+
+    def _reallocation(self, state, masks, k_l: list[int], r_l: list[int]) -> list[int]:
+        """Steps 2 and 3 from the pruned (``k_l``) and surviving (``r_l``) counts per layer:
+        the threshold for the next reallocation, and each layer's share of the freed
+        parameters (never more than its free entries)."""
+        c = self.cfg
         if self.target is None:
             self.target = max(1, round(c.target_fraction * (sum(k_l) + sum(r_l))))
         freed = sum(k_l)
@@ -75,16 +122,10 @@ class DSR(DropGrow):
             self.threshold *= 2
         elif freed > (1 + c.tolerance) * self.target:
             self.threshold /= 2
-        if c.regrow_dropped:
-            cand = [~a for a in after]
-        else:
-            cand = [~m for m in masks]
         # free entries: all inactive after the prune, or only those inactive before it
         room = [m.numel() - r - (0 if c.regrow_dropped else k)
                 for m, r, k in zip(masks, r_l, k_l, strict=True)]
-        share = reallocate(freed, r_l, room)  # (host counts: partial top-k, not full sorts)
-        grown = select_per_segment(self.grow_scores(state, names), cand, share, largest=True)
-        return [a | g for a, g in zip(after, grown, strict=True)]
+        return reallocate(freed, r_l, room)  # (host counts: partial top-k, not full sorts)
 
     def extra_state(self):
         return {"threshold": self.threshold, "target": self.target}
@@ -92,6 +133,17 @@ class DSR(DropGrow):
     def load_extra_state(self, sd):
         self.threshold = sd.get("threshold")
         self.target = sd.get("target")
+
+
+def _active_below(mask: torch.Tensor, weight: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Flat indices (long, increasing) of the active entries of ``mask`` with
+    ``|weight| < threshold`` (a NaN weight is not below); through numpy views on large CPU
+    layers (a few times faster than torch's ``nonzero``)."""
+    m, w = flat_numpy(mask), flat_numpy(weight)
+    if m is not None and w is not None and w.dtype == np.float32:
+        t = np.float32(threshold)
+        return torch.from_numpy(np.flatnonzero((w < t) & (w > -t) & m))
+    return (mask & (weight.abs() < threshold)).reshape(-1).nonzero().squeeze(1)
 
 
 @hookimpl
