@@ -97,8 +97,11 @@ TOPOLOGY_ROWS = (
     ("dsr", "DSR", ""),
     ("snfs", "SNFS", ""),
 )
-#: acceptance targets of the issue ("A fast training engine, measured")
-TARGETS = {"hard90": ("plain", 1.05), "s2sam": ("hard90", 1.05)}
+#: acceptance targets (issues "A fast training engine, measured" and "Speed, second pass"):
+#: variant -> (base, limit); a limit may depend on the batch size (``None``: any other)
+TARGETS = {"hard90": ("plain", 1.05), "s2sam": ("hard90", {32: 1.10, None: 1.05})}
+#: a topology update step costs at most this many of its own regular steps
+UPDATE_TARGETS = {"rigl": 2.0}
 #: a timed block lasts about this long (at most ``steps`` steps, at least one)
 BLOCK_S = 0.25
 #: variants whose step is shorter than this get an untimed step before each timed block
@@ -876,19 +879,31 @@ def format_sweep(sweep: dict) -> str:
 
 
 def acceptance(results: list[dict]) -> list[dict]:
-    """The issue's targets, checked on every measured model and device."""
+    """The issues' targets, checked on every measured model and device: :data:`TARGETS`
+    (a variant's step against its base's) and :data:`UPDATE_TARGETS` (an update step against
+    the same variant's regular step, reported as variant ``<key>.update``)."""
     out = []
+
+    def check(res, key, base, limit, r, b):
+        if r.get("status", "ok") != "ok" or b.get("status") != "ok" or "median_ms" not in r:
+            verdict, value = "not measured", None
+        else:
+            value = r["median_ms"] / b["median_ms"]
+            verdict = "met" if value <= limit else "MISSED"
+        out.append({"device": res["device"], "model": res["model"], "batch": res.get("batch"),
+                    "variant": key, "base": base, "limit": limit, "ratio": value,
+                    "verdict": verdict})
+
     for res in results:
+        v = res["variants"]
         for key, (base, limit) in TARGETS.items():
-            r = res["variants"].get(key, {})
-            b = res["variants"].get(base, {})
-            if r.get("status") != "ok" or b.get("status") != "ok":
-                verdict, value = "not measured", None
-            else:
-                value = r["median_ms"] / b["median_ms"]
-                verdict = "met" if value <= limit else "MISSED"
-            out.append({"device": res["device"], "model": res["model"], "variant": key,
-                        "base": base, "limit": limit, "ratio": value, "verdict": verdict})
+            if isinstance(limit, dict):
+                limit = limit.get(res.get("batch"), limit[None])
+            check(res, key, base, limit, v.get(key, {}), v.get(base, {}))
+        for key, limit in UPDATE_TARGETS.items():
+            r = v.get(key, {})
+            check(res, f"{key}.update", key, limit, r.get("update", {"status": r.get("status")}),
+                  r)
     return out
 
 
@@ -1022,7 +1037,7 @@ def main(argv=None) -> int:
     checks = acceptance([r for r in results if r.get("variants")])
     print("== acceptance ==")
     for c in checks:
-        print(f"{c['device']:>4} {c['model']:<9} {c['variant']:<7} / {c['base']:<7} "
+        print(f"{c['device']:>4} {c['model']:<9} {c['variant']:<11} / {c['base']:<7} "
               f"{_f(c['ratio'])}x (target <= {c['limit']:.2f}x): {c['verdict']}")
     if "cuda" not in [d.type for d in devices]:
         print("CUDA: not measured (no GPU on this machine)")

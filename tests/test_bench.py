@@ -59,7 +59,12 @@ def test_quick_run_prints_the_ratio_table(tmp_path):
     if v["agent"]["status"] == "ok":
         assert v["agent"]["per_epoch"]["batches"] >= 1
     assert data["meta"]["torch"] == torch.__version__ and data["meta"]["command"]
-    assert {c["variant"] for c in data["acceptance"]} == {"hard90", "s2sam"}
+    checks = {c["variant"]: c for c in data["acceptance"]}
+    assert set(checks) == {"hard90", "s2sam", "rigl.update"}
+    assert checks["s2sam"]["limit"] == (1.10 if res["batch"] == 32 else 1.05)
+    if v["rigl"]["status"] == "ok":
+        ratio = v["rigl"]["update"]["median_ms"] / v["rigl"]["median_ms"]
+        assert checks["rigl.update"]["ratio"] == pytest.approx(ratio)
 
 
 def test_nm_mask_keeps_two_of_every_four(bench):
