@@ -420,6 +420,35 @@ def test_dsr_index_path_equals_the_whole_mask_path(numpy_views, layer_shapes, de
 @pytest.mark.parametrize("sampled", [False, True])
 @given(
     layer_shapes=shapes, density=st.floats(0.05, 1.0), seed=st.integers(0, 2**16),
+    alpha=st.floats(0.0, 1.0), regrow=st.booleans(), updates=st.integers(1, 3),
+)
+def test_snfs_index_path_equals_the_whole_mask_path(sampled, layer_shapes, density, seed, alpha,
+                                                    regrow, updates):
+    """SNFS on CPU masks (drop and growth chosen as indices, masks edited there) leaves exactly
+    the masks, reported changes, metrics and ever-active masks of its whole-mask path (stable
+    sorts), over a few updates, the dense momentum moving between them; ``sampled``: every
+    layer through the sampled pre-filter and the numpy edits."""
+    from sparsefw import masks as masks_mod
+    from sparsefw import topology
+    from sparsefw_plugins.topology.snfs import SNFS, SNFSConfig
+
+    fast = emulated_state(layer_shapes, density, seed, alpha, 0.5)
+    slow = emulated_state(layer_shapes, density, seed, alpha, 0.5)
+    for st_ in (fast, slow):  # the gradients' own tensors: the momentum moves as they do
+        st_.dense_momentum = {n: p.grad for n, p in st_.masks.params.items()}
+    cfg = SNFSConfig(regrow_dropped=regrow)
+    comp = SNFS(cfg)
+    ref = type("WholeMaskSNFS", (SNFS,), {"cpu_host_counts": False})(cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        if sampled:
+            mp.setattr(topology, "SAMPLED_MIN_NUMEL", 0)
+            mp.setattr(masks_mod, "NUMPY_MIN_NUMEL", 0)
+        _assert_updates_agree(comp, fast, ref, slow, updates, move_weights=True)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+@given(
+    layer_shapes=shapes, density=st.floats(0.05, 1.0), seed=st.integers(0, 2**16),
     alpha=st.floats(0.0, 1.0), method=st.sampled_from(("set", "rigl", "mest", "itop")),
     regrow=st.booleans(), updates=st.integers(1, 3),
 )

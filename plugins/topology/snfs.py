@@ -16,17 +16,29 @@ under hard masks):
 
 The global number of active weights is kept; per-layer counts move toward the layers whose
 momentum is largest. One host sync per update (the counts and contributions). Grown weights
-start at zero with zero optimizer state, as in every drop-and-grow component here.
+start at zero with zero optimizer state, as in every drop-and-grow component here. On CPU
+masks the drop and the growth are chosen and applied as flat indices
+(:meth:`SNFS.index_changes`); both paths leave the same masks (tested).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import attrs
 import torch
 
 from sparsefw.config import in_range
 from sparsefw.hookspecs import hookimpl
-from sparsefw.topology import DropGrow, DropGrowConfig, counts, reallocate, select_per_segment
+from sparsefw.topology import (
+    DropGrow,
+    DropGrowConfig,
+    counts,
+    edited_mask,
+    reallocate,
+    select_indices,
+    select_per_segment,
+)
 
 
 @attrs.frozen
@@ -47,6 +59,8 @@ class SNFS(DropGrow):
     needs = ("dense_momentum",)
     #: keeps the total over all layers, not each layer's count (weights move between layers)
     contract_hints = {"keeps_counts": False}
+    #: CPU masks take the index path (:meth:`index_changes`); False: whole masks everywhere
+    cpu_host_counts: ClassVar[bool] = True
 
     @property
     def dense_momentum_beta(self) -> float:
@@ -61,14 +75,35 @@ class SNFS(DropGrow):
         return self._momentum(state, names)
 
     def new_masks(self, state, names, masks):
+        """The whole-mask path (device masks): new bool masks built from the old ones."""
         k_drop = self.drop_counts(state, counts(masks))
-        # on the CPU the counts are host memory already (a numpy view reads them without a
-        # device sync): the drop selects by partial top-k instead of one full sort per layer
-        k_select = k_drop.numpy().tolist() if k_drop.device.type == "cpu" else k_drop
-        dropped = select_per_segment(self.drop_scores(state, names), masks, k_select,
+        dropped = select_per_segment(self.drop_scores(state, names), masks, k_drop,
                                      largest=False)
         after = [m & ~d for m, d in zip(masks, dropped, strict=True)]
         momentum = self._momentum(state, names)
+        share, cand = self._regrowth(masks, after, k_drop, momentum)
+        grown = select_per_segment(momentum, cand, share, largest=True)
+        return [a | g for a, g in zip(after, grown, strict=True)]
+
+    def index_path(self, old):
+        return self.cpu_host_counts and old[0].device.type == "cpu"
+
+    def index_changes(self, state, names, old):
+        """The CPU path: the dropped and grown entries chosen as flat indices (partial top-k,
+        :func:`~sparsefw.topology.select_indices`); the masks are edited there."""
+        active = self.active_counts(state, names, old)
+        k_drop = self.drop_counts(state, active)
+        dropped = select_indices(self.drop_scores(state, names), old, k_drop.tolist(),
+                                 largest=False)
+        after = [edited_mask(m, d, d[:0]) for m, d in zip(old, dropped, strict=True)]
+        momentum = self._momentum(state, names)
+        share, cand = self._regrowth(old, after, k_drop, momentum)
+        grown = select_indices(momentum, cand, share, largest=True)
+        return active, list(zip(dropped, grown, strict=True))
+
+    def _regrowth(self, masks, after, k_drop: torch.Tensor, momentum):
+        """Steps 2 and 3's inputs: each layer's share of the freed weights (by mean momentum
+        over its surviving weights) and its grow candidates."""
         mean = torch.stack([(mo * a).sum() / a.sum().clamp(min=1)
                             for mo, a in zip(momentum, after, strict=True)])
         # the update's one host sync: dropped and surviving counts, mean momenta
@@ -81,9 +116,7 @@ class SNFS(DropGrow):
         else:
             cand = [~m for m in masks]
             room = [m.numel() - r - k for m, r, k in zip(masks, r_l, k_l, strict=True)]
-        share = reallocate(sum(k_l), contribution, room)
-        grown = select_per_segment(momentum, cand, share, largest=True)
-        return [a | g for a, g in zip(after, grown, strict=True)]
+        return reallocate(sum(k_l), contribution, room), cand
 
 
 @hookimpl
