@@ -96,6 +96,7 @@ TOPOLOGY_ROWS = (
     ("granet", "GraNet", "ERK 90% start and target: after its pruning phase (regrowth only)"),
     ("dsr", "DSR", ""),
     ("snfs", "SNFS", ""),
+    ("mest", "MEST", "drop by |w| + λ|∇L|, random growth"),
 )
 #: acceptance targets (issues "A fast training engine, measured" and "Speed, second pass"):
 #: variant -> (base, limit); a limit may depend on the batch size (``None``: any other)
