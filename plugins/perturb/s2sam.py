@@ -23,9 +23,11 @@ the loss scaler skipped) gives no perturbation. Memory: one gradient copy per pa
 
 Passes over memory per step (the paper's "zero extra cost" is in forward/backward passes; on a
 memory-bound model the rest shows): the norm of ``g_{t−1}`` (one multi-tensor norm), and the
-engine's save of the weights, its add of ``e`` and its copy back. ``e`` is never a tensor of its
-own: the hook hands the engine ``g_{t−1}`` itself and the 0-dim scale ``ρ/‖g_{t−1}‖`` (no host
-sync), which the engine folds into its add.
+engine's one write of ``w + e`` into a second buffer per parameter, which the parameter's
+storage is swapped to for the forward/backward and swapped back from afterwards (no copy of
+the weights, no copy back; under FSDP2 a copy in and a copy back). ``e`` is never a tensor of
+its own: the hook hands the engine ``g_{t−1}`` itself and the 0-dim scale ``ρ/‖g_{t−1}‖`` (no
+host sync), which the engine folds into that write.
 """
 
 from __future__ import annotations
