@@ -35,13 +35,13 @@ import pytest
 import torch
 
 from sparsefw import config as config_mod
+from sparsefw import plugin_checks
 from sparsefw.engine import Trainer
 from sparsefw.plugins import load_catalogue
 from tests.conftest import TINY, merge
 
-#: tensor methods that read a tensor back to the host, or print it
-SYNC_METHODS = ("item", "tolist", "cpu", "__bool__", "__float__", "__int__", "__index__",
-                "__repr__", "__format__")
+#: tensor methods that read a tensor back to the host (the plugin checker's list), or print it
+SYNC_METHODS = (*plugin_checks.SYNC_METHODS, "__repr__", "__format__")
 OURS = ("sparsefw", "sparsefw_plugins")
 LOG_EVERY = 4
 #: syncs allowed on a topology update step

@@ -93,7 +93,9 @@ class SNFS(DropGrow):
         :func:`~sparsefw.topology.select_indices`); the masks are edited there."""
         active = self.active_counts(state, names, old)
         k_drop = self.drop_counts(state, active)
-        dropped = select_indices(self.drop_scores(state, names), old, k_drop.tolist(),
+        # (CPU masks: the counts are host memory, read through a numpy view without a sync;
+        # the update's one sync reads the momentum sums in _regrowth)
+        dropped = select_indices(self.drop_scores(state, names), old, k_drop.numpy().tolist(),
                                  largest=False)
         after = [edited_mask(m, d, d[:0]) for m, d in zip(old, dropped, strict=True)]
         momentum = self._momentum(state, names)
