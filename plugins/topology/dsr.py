@@ -18,8 +18,7 @@ reference code (IntelAI dynamic-reparameterization): initial H = 0.001, N_p a fr
 the parameters, δ = 0.1. The component reads the counts back to the host once per
 reallocation (for H and the integer allocation). On CPU masks it edits the masks at the
 pruned and grown indices (:meth:`DSR.index_changes`) instead of building whole new masks; both
-paths leave the same masks (tested), the random growth aside (drawn differently on large CPU
-layers, :func:`sparsefw.topology.sample_candidates`).
+paths leave the same masks (tested).
 """
 
 from __future__ import annotations
