@@ -545,12 +545,15 @@ def engine_config(spec: ModelSpec, sections: dict, device: torch.device, compile
 
 
 # ------------------------------------------------------------------------------ measuring
-def _missing(variant: Variant, names: set[str]) -> str | None:
+def missing_components(variant: Variant, names: set[str]) -> str | None:
+    """Why ``variant`` cannot run (the components it requires that are not registered), or
+    None."""
     miss = [f"{slot} {name!r}" for slot, name in variant.requires if (slot, name) not in names]
     return f"not registered: {', '.join(miss)}" if miss else None
 
 
-def _measure_memory(runner, x, y, device: torch.device, base_alloc: int) -> dict:
+def measure_memory(runner, x, y, device: torch.device, base_alloc: int) -> dict:
+    """A runner's state size and its step's allocation peak, in MB."""
     gc.collect()
     state = runner.state_bytes()
     out = {"state_mb": state / 2**20}
@@ -586,7 +589,7 @@ def measure_model(spec: ModelSpec, vlist: list[Variant], catalogue, device: torc
     for v in vlist:
         rec: dict[str, Any] = {"label": v.label, "base": v.base, "note": v.note}
         results[v.key] = rec
-        missing = _missing(v, names)
+        missing = missing_components(v, names)
         if missing:
             rec.update(status="not available", reason=missing)
             continue
@@ -621,7 +624,7 @@ def measure_model(spec: ModelSpec, vlist: list[Variant], catalogue, device: torc
                 runner.step(x, y)
             _sync(device)
             if getattr(args, "memory", True):  # callers may skip it (CPU profiling is slow)
-                rec.update(_measure_memory(runner, x, y, device, base_alloc))
+                rec.update(measure_memory(runner, x, y, device, base_alloc))
             runners[f"{v.key}@{PLAIN_IMPLEMENTATIONS[-1]}" if v.sections is None
                     else v.key] = runner
             rec["status"] = "ok"
@@ -674,8 +677,8 @@ def measure_model(spec: ModelSpec, vlist: list[Variant], catalogue, device: torc
             rec.update(stats)
         else:
             rec[what] = stats
-    _pick_fastest_plain(results, runners)
-    _derive(results, runners)
+    pick_fastest_plain(results, runners)
+    derive_ratios(results, runners)
     out = {"model": spec.key, "arch": spec.label, "batch": spec.batch,
            "params": sum(p.numel() for p in runners["plain"].model.parameters())
            if "plain" in runners else None,
@@ -687,7 +690,7 @@ def measure_model(spec: ModelSpec, vlist: list[Variant], catalogue, device: torc
     return out
 
 
-def _pick_fastest_plain(results: dict[str, dict], runners: dict) -> None:
+def pick_fastest_plain(results: dict[str, dict], runners: dict) -> None:
     """The plain baseline is the fastest of its optimizer kernels (``plain@<kernel>``
     measurements): its figures become ``plain``'s, the others stay beside them."""
     rec = results.get("plain")
@@ -707,7 +710,7 @@ def _pick_fastest_plain(results: dict[str, dict], runners: dict) -> None:
     rec["note"] = f"fastest SGD kernels: {best}; {others}"
 
 
-def _derive(results: dict[str, dict], runners: dict) -> None:
+def derive_ratios(results: dict[str, dict], runners: dict) -> None:
     """Ratios to the plain loop and to each variant's base; topology updates amortised; AGENT
     per epoch."""
     plain = results.get("plain", {}).get("median_ms")
@@ -972,7 +975,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _catalogue(extra_modules: list[str]):
+def build_catalogue(extra_modules: list[str]):
+    """The component catalogue, with the plugin modules ``extra_modules`` registered too."""
     extra = []
     for mod in extra_modules:
         extra.append((mod, importlib.import_module(mod)))
@@ -990,7 +994,7 @@ def main(argv=None) -> int:
             if getattr(args, k) is not None}
     if over:
         sizes = Sizes(**{**sizes.__dict__, **over})
-    catalogue = _catalogue(args.plugin)
+    catalogue = build_catalogue(args.plugin)
     registry = catalogue.registry
     names = set(registry.entries)
     models = args.models.split(",") if args.models else list(sizes.default_models)

@@ -282,7 +282,7 @@ def rows(spec, catalogue, device: torch.device, sizes: Sizes, run_dir: Path) -> 
     def engine(key: str) -> Callable[[], Any]:
         def build():
             v: Variant = bench_variants[key]
-            missing = bench._missing(v, set(registry.entries))
+            missing = bench.missing_components(v, set(registry.entries))
             if missing:
                 raise NotRegistered(missing)
             return EngineRunner(spec, v, catalogue, device, False, sizes,
@@ -361,7 +361,7 @@ def measure_case(spec, catalogue, device: torch.device, sizes: Sizes, args, run_
             main = list(group.values())[-1]  # the plain row: its fused loop
             rec["density"] = weight_density(main.model)
             if args.memory:
-                rec.update(bench._measure_memory(main, x, y, device, 0))
+                rec.update(bench.measure_memory(main, x, y, device, 0))
             if row.updates:
                 updating.add(row.key)
             rec["status"] = "ok"
@@ -404,10 +404,10 @@ def measure_case(spec, catalogue, device: torch.device, sizes: Sizes, args, run_
             results[main][what] = st
         else:
             results[main].update(st)
-    bench._pick_fastest_plain(results, runners)
+    bench.pick_fastest_plain(results, runners)
     if "plain" in results and results["plain"].get("implementation"):
         results["plain"]["kernels"] = results["plain"]["implementation"]
-    bench._derive(results, runners)
+    bench.derive_ratios(results, runners)
     _amortise_peers(results, runners)
     out = {"model": spec.key, "arch": spec.label, "batch": spec.batch,
            "params": sum(p.numel() for p in runners["plain"].model.parameters())
@@ -536,7 +536,7 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA: not available on this machine", file=sys.stderr)
         return 2
-    catalogue = bench._catalogue([])
+    catalogue = bench.build_catalogue([])
     only = {"plain", "hard90", *args.only.split(",")} if args.only else None
     cases = [(m, int(b)) for m, b in (c.split(":") for c in
                                       (args.cases or (TINY_CASES if args.tiny

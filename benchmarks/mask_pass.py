@@ -75,7 +75,7 @@ def measure(args) -> dict[str, list[float]]:
     torch.set_num_threads(args.threads)
     sizes = bench.Sizes(**{**bench.PRESETS["full"].__dict__, "batch": args.batch})
     spec = bench.model_spec(args.model, sizes)
-    registry = bench._catalogue([]).registry
+    registry = bench.build_catalogue([]).registry
     x, y = bench.batch_tensors(spec, torch.device("cpu"))
     runners = {
         "plain": bench.PlainRunner(spec, registry, torch.device("cpu"), False,
