@@ -546,6 +546,10 @@ class DropGrow:
     #: read the drop/grow counts to the host once per update and select by partial top-k
     #: (False: no sync at all, one full sort per layer)
     host_counts: ClassVar[bool] = True
+    #: a method with its own :meth:`new_masks` and :meth:`index_changes`: on CPU masks (where
+    #: reading counts costs nothing) run :meth:`index_changes` (host counts, partial top-k on
+    #: indices, masks edited there) instead of whole masks; False: :meth:`new_masks` everywhere
+    cpu_host_counts: ClassVar[bool] = True
 
     # ------------------------------------------------------------ method-specific pieces
     def drop_scores(self, state, names: list[str]) -> Sequence[torch.Tensor]:
@@ -632,9 +636,14 @@ class DropGrow:
     def index_path(self, old: list[torch.Tensor]) -> bool:
         """Whether this update runs as :meth:`update_by_index` (else :meth:`new_masks` and
         :meth:`commit`): for a method that changes only scores and counts (:meth:`new_masks`
-        not overridden) with :attr:`host_counts`. A method that overrides :meth:`new_masks`
-        may override this together with :meth:`index_changes`."""
-        return self.host_counts and type(self).new_masks is DropGrow.new_masks
+        not overridden) with :attr:`host_counts`; for one that overrides :meth:`new_masks`
+        and :meth:`index_changes` (GraNet, DSR, SNFS), on CPU masks unless
+        :attr:`cpu_host_counts` is False."""
+        cls = type(self)
+        if cls.new_masks is DropGrow.new_masks:
+            return self.host_counts
+        return (self.cpu_host_counts and cls.index_changes is not DropGrow.index_changes
+                and old[0].device.type == "cpu")
 
     def active_counts(self, state, names: list[str], old: list[torch.Tensor]) -> torch.Tensor:
         """Active entries per layer (long device tensor): what this component's last index

@@ -23,8 +23,6 @@ paths leave the same masks (tested).
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import attrs
 import numpy as np
 import torch
@@ -61,8 +59,6 @@ class DSR(DropGrow):
     contract_hints = {"keeps_counts": False}
     threshold: float | None = None
     target: int | None = None
-    #: CPU masks take the index path (:meth:`index_changes`); False: whole masks everywhere
-    cpu_host_counts: ClassVar[bool] = True
 
     def grow_scores(self, state, names):
         return random_scores(state, names)
@@ -82,9 +78,6 @@ class DSR(DropGrow):
             cand = [~m for m in masks]
         grown = select_per_segment(self.grow_scores(state, names), cand, share, largest=True)
         return [a | g for a, g in zip(after, grown, strict=True)]
-
-    def index_path(self, old):
-        return self.cpu_host_counts and old[0].device.type == "cpu"
 
     def index_changes(self, state, names, old):
         """The CPU path: the pruned entries found as flat indices, the shares grown at

@@ -71,11 +71,6 @@ class GraNet(DropGrow):
 
     #: no count sync: the global pruning already keeps its counts on the device
     host_counts: ClassVar[bool] = False
-    #: on the CPU (where reading counts costs nothing) select on indices with host counts
-    #: instead of full stable sorts and edit the masks at them (:meth:`index_changes`: the
-    #: same masks; an update ~25x faster on the benchmark MLP); False: the device path
-    #: everywhere
-    cpu_host_counts: ClassVar[bool] = True
 
     #: d_i as used (configured or measured at the first update)
     initial_density: float | None = None
@@ -122,9 +117,6 @@ class GraNet(DropGrow):
 
     def drop_counts(self, state, active):
         return torch.ceil(active.double() * self._alpha(state, active.device)).long()
-
-    def index_path(self, old):
-        return self.cpu_host_counts and old[0].device.type == "cpu"
 
     def _density_metric(self, state, masks, device, active: int | None = None) -> int:
         """Entries the global pruning keeps at this step (``round(d_t·N)``); logs d_t."""

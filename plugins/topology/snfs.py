@@ -23,8 +23,6 @@ masks the drop and the growth are chosen and applied as flat indices
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import attrs
 import torch
 
@@ -59,8 +57,6 @@ class SNFS(DropGrow):
     needs = ("dense_momentum",)
     #: keeps the total over all layers, not each layer's count (weights move between layers)
     contract_hints = {"keeps_counts": False}
-    #: CPU masks take the index path (:meth:`index_changes`); False: whole masks everywhere
-    cpu_host_counts: ClassVar[bool] = True
 
     @property
     def dense_momentum_beta(self) -> float:
@@ -84,9 +80,6 @@ class SNFS(DropGrow):
         share, cand = self._regrowth(masks, after, k_drop, momentum)
         grown = select_per_segment(momentum, cand, share, largest=True)
         return [a | g for a, g in zip(after, grown, strict=True)]
-
-    def index_path(self, old):
-        return self.cpu_host_counts and old[0].device.type == "cpu"
 
     def index_changes(self, state, names, old):
         """The CPU path: the dropped and grown entries chosen as flat indices (partial top-k,
