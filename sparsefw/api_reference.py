@@ -26,6 +26,7 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Hook markers", "sparsefw.hookspecs", ("hookimpl",)),
     ("The lifecycle in your own loop", "sparsefw.sparsifier",
      ("Sparsifier", "SparsifierError", "method_config", "NEEDS")),
+    ("The hard-masked SGD kernel", "sparsefw.kernels.masked_sgd", ("MaskedSGD",)),
     ("Contract tests", "sparsefw.testing.contract",
      ("check_component", "ComponentContract", "Hints", "make_state", "entry_from_plugin",
       "ContractError")),

@@ -50,7 +50,7 @@ INITS = ("dense", "sparse_fan_in")
 #: the values of ``[sparsity] compute`` (:mod:`sparsefw.sparse_compute` implements them)
 COMPUTE_MODES = ("dense", "sparse", "auto")
 #: the values of ``[optimizer] implementation`` (:func:`sparsefw.engine.optim.build_optimizer`)
-OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
+OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop", "fused_masked")
 #: longest value shown in an error message (:func:`short`)
 SHOWN = 80
 #: longest problem line; a longer one (a plugin's message echoing a huge value) is cut
@@ -210,7 +210,10 @@ class OptimizerConfig:
         default=(0.9, 0.999), validator=each(in_range(0, 1, lo_open=False, hi_open=True)))
     eps: float = attrs.field(default=1e-8, validator=in_range(0))
     #: torch's kernels for the update: ``auto`` takes ``fused`` where torch has it for the
-    #: device (CPU and CUDA), else ``foreach``; ``for_loop`` is torch's per-tensor default on CPU
+    #: device (CPU and CUDA), else ``foreach``; ``for_loop`` is torch's per-tensor default on CPU;
+    #: ``fused_masked`` (SGD, hard masks, x86-64 CPU) is torch's fused SGD with the gradient
+    #: masking folded into its pass, a kernel of sparsefw's built on first use
+    #: (:mod:`sparsefw.kernels`; needs a C++ compiler and ``ninja``), same results bit for bit
     implementation: str = attrs.field(default="auto",
                                       validator=one_of(*OPTIMIZER_IMPLEMENTATIONS))
 

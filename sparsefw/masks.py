@@ -306,6 +306,14 @@ class MaskSet:
         if params:
             torch._foreach_mul_(params, masks)
 
+    def hard_mask_lists(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The possibly sparse parameters and their 0/1 masks (hard masking; empty lists for
+        forward masking): what a :class:`sparsefw.kernels.masked_sgd.MaskedSGD` masks the
+        gradients of in its update. Lists kept between topology updates; do not modify."""
+        if self.kind != "hard":
+            return [], []
+        return self._lists()
+
     @torch.no_grad()
     def mask_grads_(self) -> None:
         """Zero the gradients of pruned entries (hard masking only)."""

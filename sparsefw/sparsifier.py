@@ -40,6 +40,7 @@ from sparsefw import distributions, initialisation, sharding
 from sparsefw.config import ConfigError, RunConfig, apply_overrides, read_toml, structure
 from sparsefw.cost import DENSE_GRAD_PASSES
 from sparsefw.engine import distributed
+from sparsefw.kernels.masked_sgd import MaskedSGD
 from sparsefw.masks import MaskSet, sparsifiable_params
 from sparsefw.plugins import Catalogue, RunPlugins, build_run, load_catalogue
 from sparsefw.state import Perturbation, TrainState, offset_into
@@ -331,6 +332,17 @@ class Sparsifier:
         #: per perturbed parameter, the storage its perturbed weights were written into last
         self._spare: dict[str, torch.Tensor] = {}
         self._reapply_masks = not isinstance(self.optimizer, _MASK_SAFE_OPTIMIZERS)
+        #: a MaskedSGD zeroes the pruned gradients in its own update (sparsefw.kernels), so
+        #: ``step`` leaves that pass to it (not under a loss scaler, which may skip the step)
+        self._optimizer_masks = (isinstance(self.optimizer, MaskedSGD)
+                                 and self.masks.kind == "hard" and not self.sharded
+                                 and (scaler is None or not scaler.is_enabled()))
+        if isinstance(self.optimizer, MaskedSGD) and self.masks.kind == "hard":
+            self.optimizer.mask_source = self.masks.hard_mask_lists
+        #: inside ``step``: the next ``post_backward`` leaves the gradient masking to the
+        #: optimizer; after it, whether it did
+        self._fold_masking = False
+        self._grads_unmasked = False
         self.counts_closure_passes = front_door != "trainer"
         self.last_output: torch.Tensor | None = None
         self._handles: list = []
@@ -777,7 +789,9 @@ class Sparsifier:
             self.checker.gradient_correct()
         else:
             self.plugins.hook.sparsefw_gradient_correct(state=st)
-        self.masks.mask_grads_()
+        self._grads_unmasked = self._fold_masking and self._optimizer_masks
+        if not self._grads_unmasked:
+            self.masks.mask_grads_()
         if self.guard is not None:  # a non-finite loss or gradient: stop (or skip the update)
             self._skip_optimizer = (self.guard.after_backward(st.step, st.loss,
                                                               self.model.parameters())
@@ -804,6 +818,9 @@ class Sparsifier:
     def optimizer_step(self) -> None:
         """``optimizer.step()`` (through the GradScaler when one was given), unless a topology
         component asked to skip it."""
+        if self._grads_unmasked and self._skip_optimizer:  # the optimizer will not mask them
+            self.masks.mask_grads_()
+        self._grads_unmasked = False
         if not self._skip_optimizer:
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
@@ -842,7 +859,7 @@ class Sparsifier:
         if closure is None:
             if "closure" in self.needs:
                 self._refuse("closure")
-            self.post_backward()
+            self._post_backward_before_step(None)
         else:
             st.closure = functools.partial(self._run_closure, closure)
             self._in_step = True
@@ -862,10 +879,19 @@ class Sparsifier:
                 self._in_step = False
                 self._sparse_compute_active(False)
                 st.closure = self._missing("closure")
-            self.post_backward(loss)
+            self._post_backward_before_step(loss)
         self.optimizer_step()
         self.after_step()
         return st.loss if closure is not None else None
+
+    def _post_backward_before_step(self, loss: torch.Tensor | None) -> None:
+        """``post_backward`` when ``optimizer_step`` follows at once: a :class:`MaskedSGD`
+        then masks the gradients in its update instead of a pass of their own."""
+        self._fold_masking = True
+        try:
+            self.post_backward(loss)
+        finally:
+            self._fold_masking = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """``optimizer.zero_grad``: gradients of the model's parameters set to ``None``."""

@@ -13,12 +13,14 @@ import functools
 
 import torch
 
-from sparsefw.config import LRScheduleConfig, OptimizerConfig
+from sparsefw.config import LRScheduleConfig, OptimizerConfig, RunConfig
 from sparsefw.schedules import cosine_remaining, linear_remaining, progress, span
 
 #: keyword arguments of ``torch.optim`` optimizers for each explicit implementation
 KERNELS = {"fused": {"fused": True}, "foreach": {"foreach": True},
-           "for_loop": {"foreach": False}}
+           "for_loop": {"foreach": False},
+           # MaskedSGD: torch's fused SGD for what its own kernel does not take
+           "fused_masked": {"fused": True}}
 
 
 @functools.cache
@@ -42,8 +44,42 @@ def kernel_options(implementation: str, device: torch.device) -> dict[str, bool]
     return dict(KERNELS[implementation])
 
 
+def fused_masked_problems(cfg: RunConfig, device: torch.device) -> list[str]:
+    """Why ``[optimizer] implementation = "fused_masked"`` cannot run this configuration
+    (empty: it can; the kernel is built here if it was not yet)."""
+    from sparsefw.kernels import KernelUnavailable, load_masked_sgd
+
+    problems = []
+    if cfg.optimizer.name != "sgd":
+        problems.append(f'it is an SGD kernel: set [optimizer] name = "sgd" (got '
+                        f'{cfg.optimizer.name!r}) or another implementation')
+    if device.type != "cpu":
+        problems.append(f'it runs on the CPU: [train] device resolves to {device.type!r} '
+                        f'(use "auto" or "fused" there)')
+    if cfg.sparsity.kind != "hard":
+        problems.append(f'it folds hard masks into the update: [sparsity] kind is '
+                        f'{cfg.sparsity.kind!r}')
+    if cfg.train.parallel == "fsdp":
+        problems.append('sharded DTensor parameters are not plain CPU tensors: [train] '
+                        'parallel = "fsdp"')
+    if not problems:
+        try:
+            load_masked_sgd()
+        except KernelUnavailable as exc:
+            problems.append(str(exc))
+    return problems
+
+
 def build_optimizer(cfg: OptimizerConfig, params, device: torch.device) -> torch.optim.Optimizer:
-    """The configured optimizer, with the kernels of ``cfg.implementation``."""
+    """The configured optimizer, with the kernels of ``cfg.implementation``
+    (``fused_masked``: a :class:`sparsefw.kernels.masked_sgd.MaskedSGD`; check the run with
+    :func:`fused_masked_problems` first)."""
+    if cfg.implementation == "fused_masked":
+        from sparsefw.kernels.masked_sgd import MaskedSGD
+
+        return MaskedSGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                         nesterov=cfg.nesterov and cfg.momentum > 0,
+                         weight_decay=cfg.weight_decay)
     fast = kernel_options(cfg.implementation, device)
     if cfg.name == "sgd":
         return torch.optim.SGD(

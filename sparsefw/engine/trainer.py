@@ -22,7 +22,7 @@ from sparsefw.config import ConfigError, RunConfig
 from sparsefw.engine import checkpoint, distributed
 from sparsefw.engine.guard import DivergenceGuard
 from sparsefw.engine.loaders import BatchSource
-from sparsefw.engine.optim import build_lr_schedule, build_optimizer
+from sparsefw.engine.optim import build_lr_schedule, build_optimizer, fused_masked_problems
 from sparsefw.engine.rundir import make_run_dir, write_run_info
 from sparsefw.masks import sparsifiable_params
 from sparsefw.plugins import Catalogue, RunPlugins
@@ -117,6 +117,11 @@ class Trainer:
         opt_cfg = cfg.optimizer
         if self.fsdp and opt_cfg.implementation == "auto":  # no fused kernels for DTensors
             opt_cfg = attrs.evolve(opt_cfg, implementation="foreach")
+        if opt_cfg.implementation == "fused_masked":
+            problems = fused_masked_problems(cfg, self.device)
+            if problems:
+                raise ConfigError([f'{config_source}: [optimizer] implementation = '
+                                   f'"fused_masked": {p}' for p in problems])
         self.optimizer = build_optimizer(opt_cfg, model.parameters(), self.device)
         self.lr_schedule = build_lr_schedule(
             cfg.lr_schedule, self.optimizer, min(self.steps_per_round, self.total_steps),

@@ -1,0 +1,91 @@
+"""sparsefw's own compiled CPU kernels, built on first use.
+
+One kernel so far: the hard-masked SGD step (``masked_sgd.cpp``; the optimizer that drives it
+is :class:`sparsefw.kernels.masked_sgd.MaskedSGD`). torch has no optimizer kernel that also
+applies a mask, so a hard-masked step on the CPU otherwise makes one more pass over every
+masked gradient and its mask than a plain step (``g ← g ⊙ m``), which on a memory-bound model is
+most of the gap to the plain loop (``benchmarks/mask_pass.py``).
+
+The kernel is compiled with :func:`torch.utils.cpp_extension.load` the first time it is asked
+for (a C++ compiler and the ``ninja`` build tool are needed: ``pip install "sparsefw[kernels]"``;
+the build takes about a minute on two cores and is cached in torch's extension directory,
+``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``). Nothing imports or builds it unless a
+configuration asks for it (``[optimizer] implementation = "fused_masked"``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["KernelUnavailable", "load_masked_sgd", "build_flags", "vector_width"]
+
+HERE = Path(__file__).resolve().parent
+
+
+class KernelUnavailable(RuntimeError):
+    """A kernel of sparsefw's cannot be built or loaded here; the message says why."""
+
+
+#: floats per vector of torch's CPU kernels, by the capability torch dispatches to
+VECTOR_WIDTHS = {"AVX2": 8, "AVX512": 16}
+
+
+def vector_width() -> int:
+    """Floats per vector in torch's fused SGD kernel on this CPU (where its vector and scalar
+    code round differently, see ``masked_sgd.cpp``). Only x86-64 with AVX2 or AVX-512 is
+    supported (the kernel's bit-for-bit agreement with torch is checked there)."""
+    machine = platform.machine().lower()
+    capability = torch.backends.cpu.get_cpu_capability()
+    if machine not in ("x86_64", "amd64") or capability not in VECTOR_WIDTHS:
+        raise KernelUnavailable(f"the masked SGD kernel is for x86-64 CPUs with AVX2 or AVX-512 "
+                                f"(this is {machine}, torch's CPU capability {capability})")
+    return VECTOR_WIDTHS[capability]
+
+
+def build_flags() -> list[str]:
+    """Compiler flags: optimised, no contraction into fused multiply-adds beyond the ones the
+    kernel writes (its results must equal torch's fused SGD bit for bit), and the AVX2/FMA
+    instructions of the CPUs :func:`vector_width` accepts."""
+    vector_width()
+    return ["-O3", "-ffp-contract=off", "-mavx2", "-mfma"]
+
+
+@functools.cache
+def load_masked_sgd() -> ModuleType:
+    """The compiled hard-masked SGD kernel (built on the first call of a process, or loaded
+    from the extension cache); :class:`KernelUnavailable` with the reason where it cannot be."""
+    from torch.utils import cpp_extension
+
+    _find_ninja()
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise KernelUnavailable(f"the masked SGD kernel needs a C++ compiler ({compiler!r} "
+                                f"not found; set CXX to one)")
+    try:
+        return cpp_extension.load(
+            name="sparsefw_masked_sgd", sources=[str(HERE / "masked_sgd.cpp")],
+            extra_cflags=build_flags(), verbose=False)
+    except KernelUnavailable:
+        raise
+    except Exception as exc:  # a compiler error, a stale or broken cache entry
+        raise KernelUnavailable(f"the masked SGD kernel failed to build: {exc}") from exc
+
+
+def _find_ninja() -> None:
+    """torch runs ``ninja`` from ``PATH``; the ``ninja`` Python package's copy (the
+    ``kernels`` extra) is put there when the environment's own bin directory is not."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        raise KernelUnavailable('the masked SGD kernel is built with ninja, which is not '
+                                'installed: pip install "sparsefw[kernels]" (or ninja)') from None
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
