@@ -223,11 +223,29 @@ class Variant:
     #: steps of the variant's cycle (AGENT's ``correct_every``): each timed block holds a
     #: multiple of it, so every block times the same mix of step kinds
     period: int = 1
+    #: ``unavailable(device)``: why the variant cannot run there (None: it can)
+    unavailable: Callable[[torch.device], str | None] | None = None
 
 
 def _hard90(**extra) -> dict:
     return {"sparsity": {"density": 0.1, "distribution": "erk", "kind": "hard"},
             "mask_init": {"name": "random"}, **extra}
+
+
+def masked_sgd_unavailable(device: torch.device) -> str | None:
+    """Why ``[optimizer] implementation = "fused_masked"`` cannot run on ``device`` (its
+    kernel is built here on first use), or None."""
+    if device.type != "cpu":
+        return "the fused_masked kernel is for CPUs"
+    try:
+        from sparsefw.kernels import KernelUnavailable, load_masked_sgd
+    except ImportError:
+        return "this sparsefw has no fused_masked kernel"
+    try:
+        load_masked_sgd()
+    except KernelUnavailable as exc:
+        return str(exc)
+    return None
 
 
 def nm_mask_2_4(w: torch.Tensor) -> torch.Tensor:
@@ -275,7 +293,8 @@ def variants(spec: ModelSpec, registry, names: set[str]) -> list[Variant]:
         Variant("loop_hard90", "(c') plain loop + Sparsifier, hard-masked 90%", base="hard90",
                 sections=_hard90(), front_door="loop"),
         Variant("hard90_masked", "(c\") hard-masked 90%, fused_masked SGD kernel",
-                base="hard90", sections=_hard90(optimizer={"implementation": "fused_masked"})),
+                base="hard90", sections=_hard90(optimizer={"implementation": "fused_masked"}),
+                unavailable=masked_sgd_unavailable),
     ]
     nm_dense = _nm_dense_layers(spec, registry)
     sp = {"density": 0.5, "distribution": "uniform", "kind": "forward", "dense_layers": nm_dense}
@@ -596,7 +615,7 @@ def measure_model(spec: ModelSpec, vlist: list[Variant], catalogue, device: torc
     for v in vlist:
         rec: dict[str, Any] = {"label": v.label, "base": v.base, "note": v.note}
         results[v.key] = rec
-        missing = missing_components(v, names)
+        missing = missing_components(v, names) or (v.unavailable and v.unavailable(device))
         if missing:
             rec.update(status="not available", reason=missing)
             continue

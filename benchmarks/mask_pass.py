@@ -13,10 +13,13 @@ added to the same plain loop, so that the engine's figure can be read against it
 * ``+ masked_fill`` the same with ``grad.masked_fill_(~mask, 0)`` and 1-byte bool masks (the
                    representation of some peers; its extra reads of the bool mask are cheaper,
                    its kernel is not).
+* ``masked kernel`` the plain loop with sparsefw's :class:`~sparsefw.kernels.masked_sgd.MaskedSGD`
+                   (``[optimizer] implementation = "fused_masked"``): the mask folded into the
+                   SGD update, no pass of its own (left out where the kernel cannot be built).
 
 The variants run interleaved in one process (blocks of steps, the order rotated each
 repeat); ratios are medians of per-repeat ratios to the plain block of the same repeat, on the
-process CPU clock. Nothing of sparsefw runs here: it measures the machine.
+process CPU clock. Nothing of sparsefw runs here but that kernel: it measures the machine.
 
     python benchmarks/mask_pass.py --batch 32 --repeats 15
 """
@@ -55,11 +58,22 @@ class MaskedLoop(bench.PlainRunner):
         self.how = how
         self.floats = [b.float() for b in bools]
         self.inverse = [~b for b in bools]
+        if how == "kernel":
+            from sparsefw.kernels.masked_sgd import MaskedSGD
+
+            o = bench.OPTIM
+            self.optimizer = MaskedSGD(self.model.parameters(), lr=o["lr"],
+                                       momentum=o["momentum"], nesterov=o["nesterov"],
+                                       weight_decay=o["weight_decay"])
+            self.optimizer.mask_source = lambda: (weights, self.floats)
 
     def step(self, x, y) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         loss = torch.nn.functional.cross_entropy(self.forward(x), y)
         loss.backward()
+        if self.how == "kernel":  # the optimizer masks
+            self.optimizer.step()
+            return
         with torch.no_grad():
             grads = [w.grad for w in self.weights]
             if self.how == "foreach":
@@ -84,6 +98,9 @@ def measure(args) -> dict[str, list[float]]:
         "+ masked_fill": MaskedLoop(spec, registry, args.implementation, "masked_fill",
                                     args.density),
     }
+    if bench.masked_sgd_unavailable(torch.device("cpu")) is None:
+        runners["masked kernel"] = MaskedLoop(spec, registry, args.implementation, "kernel",
+                                              args.density)
     for r in runners.values():
         for _ in range(3):
             r.step(x, y)

@@ -54,6 +54,10 @@ METHOD_SECTIONS = ("sparsity", "mask_init", "topology_update", "gradient_correct
 MASK_DECAY = "mask_decay"
 #: when a topology component runs within a step (its class attribute ``phase``)
 TOPOLOGY_PHASES = ("after_backward", "before_forward")
+#: hooks that run before the first backward only: a component implementing no others cannot
+#: read a gradient after an optimizer step
+GRADIENT_FREE_HOOKS = frozenset({"sparsefw_mask_init", "sparsefw_register"})
+
 #: what a component may declare in its class attribute ``needs``
 NEEDS = {
     "closure": "a closure: call sparsifier.step(closure)",
@@ -366,6 +370,8 @@ class Sparsifier:
             from sparsefw.plugin_checks import PluginChecker
 
             self.checker = PluginChecker(self)
+        if self._optimizer_masks:
+            self.optimizer.keep_masked_grads = self._gradients_read_after_step(check_plugins)
         if init_masks:
             self.init_masks()
 
@@ -883,6 +889,23 @@ class Sparsifier:
         self.optimizer_step()
         self.after_step()
         return st.loss if closure is not None else None
+
+    def _gradients_read_after_step(self, check_plugins: bool | None) -> bool:
+        """Can anything read ``.grad`` between an optimizer step and the next step's
+        ``zero_grad``? Only the Trainer owns its gradients; there, a component may read them
+        unless its only hooks are ``mask_init``/``register`` or it declares
+        ``reads_gradients_after_step = False`` (the built-in observers). Under the run-time
+        plugin checks, assumed yes."""
+        if self.front_door != "trainer" or check_plugins:
+            return True
+        pm = self.plugins.pm
+        for comp in self.plugins.components:
+            if getattr(comp.instance, "reads_gradients_after_step", True) is False:
+                continue
+            hooks = {caller.name for caller in pm.get_hookcallers(comp.instance) or ()}
+            if hooks - GRADIENT_FREE_HOOKS:
+                return True
+        return False
 
     def _post_backward_before_step(self, loss: torch.Tensor | None) -> None:
         """``post_backward`` when ``optimizer_step`` follows at once: a :class:`MaskedSGD`

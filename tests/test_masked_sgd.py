@@ -116,6 +116,26 @@ def test_every_tail_length_rounds_as_torch_does(nesterov):
         assert torch.equal(ref_opt.state[p]["momentum_buffer"], opt.state[q]["momentum_buffer"])
 
 
+def test_without_write_back_the_update_is_the_same_and_grad_stays_unmasked():
+    torch.manual_seed(2)
+    masks = [(torch.rand(37, 5) < 0.2).float()]
+    ref = [(torch.randn(37, 5) * masks[0]).requires_grad_()]
+    ours = [ref[0].detach().clone().requires_grad_()]
+    ref_opt = torch.optim.SGD(ref, lr=0.1, momentum=0.9, weight_decay=1e-3, fused=True)
+    opt = MaskedSGD(ours, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    opt.mask_source = lambda: (ours, masks)
+    opt.keep_masked_grads = False
+    for _ in range(3):
+        grad = torch.randn(37, 5)
+        ref[0].grad, ours[0].grad = grad * masks[0], grad.clone()
+        ref_opt.step()
+        opt.step()
+        assert torch.equal(ref[0].detach(), ours[0].detach())
+        assert torch.equal(ours[0].grad, grad)  # left as it was
+    assert torch.equal(ref_opt.state[ref[0]]["momentum_buffer"],
+                       opt.state[ours[0]]["momentum_buffer"])
+
+
 def test_parameters_the_kernel_does_not_take_go_through_torch():
     """float64 and non-contiguous parameters, masked or not: the mask pass and torch's SGD."""
     torch.manual_seed(0)
@@ -143,12 +163,16 @@ def test_parameters_the_kernel_does_not_take_go_through_torch():
         assert torch.equal(ref_opt.state[p]["momentum_buffer"], opt.state[q]["momentum_buffer"])
 
 
+#: no topology section: mask_init and the jsonl observer only
+METHODS_HERE = {**METHODS, "mask_init_only": {}}
+
+
 def _raw(method: str, implementation: str) -> dict:
-    return merge(merge(BASE, METHODS[method]), {"optimizer": {"implementation": implementation,
-                                                              "weight_decay": 5e-4}})
+    return merge(merge(BASE, METHODS_HERE[method]),
+                 {"optimizer": {"implementation": implementation, "weight_decay": 5e-4}})
 
 
-@pytest.mark.parametrize("method", ["static", "rigl", "s2sam", "set"])
+@pytest.mark.parametrize("method", ["mask_init_only", "static", "rigl", "s2sam", "set"])
 def test_a_run_with_the_kernel_equals_one_with_torchs_fused_sgd(catalogue, tmp_path, method):
     """Whole Trainer runs, topology updates (which zero weights and momentum at indices) and
     S²-SAM (which keeps the masked ``.grad`` tensors by reference) included."""
@@ -161,6 +185,9 @@ def test_a_run_with_the_kernel_equals_one_with_torchs_fused_sgd(catalogue, tmp_p
         runs.append(trainer)
     fused, masked = runs
     assert isinstance(masked.optimizer, MaskedSGD)
+    # gradients nobody reads after the step are not written back; RigL's, SET's and
+    # S²-SAM's components may read them
+    assert masked.optimizer.keep_masked_grads is (method not in ("mask_init_only", "static"))
     assert masked.state.step == fused.state.step == 24
     assert_same_run(fused, masked)
     a, b = fused.optimizer.state_dict()["state"], masked.optimizer.state_dict()["state"]
@@ -189,6 +216,7 @@ def test_the_sparsifier_leaves_the_mask_pass_to_the_optimizer(catalogue, monkeyp
     for _ in range(3):
         sp.step(closure)
     assert passes == []
+    assert opt.keep_masked_grads  # the loop owns its gradients
     for name, p in sp.masks.params.items():
         pruned = ~sp.masks.masks[name]
         assert not p.grad[pruned].any() and not p.detach()[pruned].any()

@@ -26,6 +26,10 @@ METRICS_FILE = "metrics.jsonl"
 class JsonlObserver:
     """Append metrics to ``<run_dir>/metrics.jsonl``."""
 
+    #: reads metrics, never ``.grad``: a Trainer with ``fused_masked`` need not keep the
+    #: masked gradients for it (:class:`sparsefw.kernels.masked_sgd.MaskedSGD`)
+    reads_gradients_after_step = False
+
     cfg: EmptyConfig
     _file: object = None
     #: forward passes spent on evaluations so far, and the count when the epoch ended

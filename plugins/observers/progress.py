@@ -14,6 +14,10 @@ from sparsefw.registry import EmptyConfig
 class ProgressObserver:
     """Show progress and print each evaluation."""
 
+    #: reads metrics, never ``.grad``: a Trainer with ``fused_masked`` need not keep the
+    #: masked gradients for it (:class:`sparsefw.kernels.masked_sgd.MaskedSGD`)
+    reads_gradients_after_step = False
+
     cfg: EmptyConfig
     _bar: object = None
 

@@ -13,6 +13,10 @@ from sparsefw.registry import EmptyConfig
 class TensorBoardObserver:
     """Write scalars with ``torch.utils.tensorboard.SummaryWriter``."""
 
+    #: reads metrics, never ``.grad``: a Trainer with ``fused_masked`` need not keep the
+    #: masked gradients for it (:class:`sparsefw.kernels.masked_sgd.MaskedSGD`)
+    reads_gradients_after_step = False
+
     cfg: EmptyConfig
     _writer: object = None
 

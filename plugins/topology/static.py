@@ -19,6 +19,8 @@ class StaticTopology:
     """Fixed mask: answers every update with ``None`` (nothing changed)."""
 
     cfg: StaticConfig
+    #: reads nothing: a Trainer with ``fused_masked`` need not keep the masked gradients
+    reads_gradients_after_step = False
 
     @hookimpl
     def sparsefw_topology_update(self, state):

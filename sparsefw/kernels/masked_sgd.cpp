@@ -4,8 +4,8 @@
 // and masked gradients.
 //
 // Per entry, with the group's lr, momentum mu, dampening d, weight decay wd:
-//   g  = g * m                      (written back: .grad holds the masked gradient after;
-//                                    a parameter given no mask skips this line)
+//   g  = g * m                      (written back with write_back: .grad holds the masked
+//                                    gradient after; a parameter given no mask skips this)
 //   g' = maximize ? -g : g
 //   g' = fma(p, wd, g')             (if wd != 0)
 //   b  = first ? g' : fma(g', 1 - d, b * mu)                     (if mu != 0)
@@ -43,7 +43,8 @@ void masked_sgd_(const std::vector<at::Tensor>& params, const std::vector<at::Te
                  const std::vector<std::optional<at::Tensor>>& masks,
                  const std::vector<at::Tensor>& bufs,
                  const std::vector<bool>& first, double lr, double momentum, double dampening,
-                 double weight_decay, bool nesterov, bool maximize, int64_t width) {
+                 double weight_decay, bool nesterov, bool maximize, int64_t width,
+                 bool write_back) {
   TORCH_CHECK(width > 0 && width % 8 == 0, "masked_sgd_: width must be a multiple of 8");
   const size_t n_tensors = params.size();
   const bool use_momentum = momentum != 0.0;
@@ -74,7 +75,7 @@ void masked_sgd_(const std::vector<at::Tensor>& params, const std::vector<at::Te
       float gi = g[i];
       if (m != nullptr) {
         gi = gi * m[i];
-        g[i] = gi;
+        if (write_back) g[i] = gi;
       }
       if (maximize) gi = gi * -1.0f;
       if (wd != 0.0f) gi = std::fma(p[i], wd, gi);
@@ -95,7 +96,7 @@ void masked_sgd_(const std::vector<at::Tensor>& params, const std::vector<at::Te
         __m256 gv = _mm256_loadu_ps(g + i);
         if (m != nullptr) {
           gv = _mm256_mul_ps(gv, _mm256_loadu_ps(m + i));
-          _mm256_storeu_ps(g + i, gv);
+          if (write_back) _mm256_storeu_ps(g + i, gv);
         }
         __m256 pv = _mm256_loadu_ps(p + i);
         if (maximize) gv = _mm256_mul_ps(gv, v_minus);

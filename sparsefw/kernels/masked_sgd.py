@@ -53,6 +53,10 @@ class MaskedSGD(torch.optim.SGD):
         self._step_supports_amp_scaling = False
         #: where the step's masks come from (``None``: none, a plain fused SGD step)
         self.mask_source: MaskSource | None = None
+        #: write the masked gradients back into ``.grad`` (one more write per masked entry);
+        #: ``False`` leaves ``.grad`` unmasked after the step, for a caller that discards the
+        #: gradients before anything reads them (the Trainer, when no component can)
+        self.keep_masked_grads = True
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -93,7 +97,7 @@ class MaskedSGD(torch.optim.SGD):
                     params, grads, group_masks, bufs, first,
                     float(lr), float(momentum), float(group["dampening"]),
                     float(group["weight_decay"]), bool(group["nesterov"]),
-                    bool(group["maximize"]), self._width)
+                    bool(group["maximize"]), self._width, self.keep_masked_grads)
             if rest:
                 self._torch_step(group, rest)
         return loss
