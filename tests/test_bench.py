@@ -60,7 +60,7 @@ def test_quick_run_prints_the_ratio_table(tmp_path):
         assert v["agent"]["per_epoch"]["batches"] >= 1
     assert data["meta"]["torch"] == torch.__version__ and data["meta"]["command"]
     checks = {c["variant"]: c for c in data["acceptance"]}
-    assert set(checks) == {"hard90", "s2sam", "rigl.update"}
+    assert set(checks) == {"hard90", "hard90_masked", "s2sam", "rigl.update"}
     assert checks["s2sam"]["limit"] == (1.10 if res["batch"] == 32 else 1.05)
     if v["rigl"]["status"] == "ok":
         ratio = v["rigl"]["update"]["median_ms"] / v["rigl"]["median_ms"]
@@ -90,9 +90,10 @@ def test_stats_median_and_quartiles(bench):
     assert s["q1_ms"] == pytest.approx(2.0) and s["q3_ms"] == pytest.approx(4.0)
 
 
-def test_mask_pass_script_reports_the_three_loops():
-    """``benchmarks/mask_pass.py``: the plain loop and the two masking passes, each with its
-    ratio to the plain loop (1.00x for the plain loop itself)."""
+def test_mask_pass_script_reports_the_loops(bench):
+    """``benchmarks/mask_pass.py``: the plain loop, the two masking passes and (where it
+    builds) the masked SGD kernel, each with its ratio to the plain loop (1.00x for the plain
+    loop itself)."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "mask_pass.py"), "--batch", "4",
          "--repeats", "1", "--steps", "1"],
@@ -100,5 +101,8 @@ def test_mask_pass_script_reports_the_three_loops():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = proc.stdout.splitlines()[1:]
-    assert [r[:16].strip() for r in rows] == ["plain", "+ mask pass", "+ masked_fill"]
+    expected = ["plain", "+ mask pass", "+ masked_fill"]
+    if bench.masked_sgd_unavailable(torch.device("cpu")) is None:
+        expected.append("masked kernel")
+    assert [r[:16].strip() for r in rows] == expected
     assert rows[0].endswith("1.00x") and all(r.endswith("x") for r in rows)
