@@ -18,7 +18,7 @@ from sparsefw import config as config_mod
 from sparsefw.config import ConfigError
 from sparsefw.engine import Trainer
 from sparsefw.kernels.masked_sgd import MaskedSGD
-from sparsefw.testing.resume import assert_same_run
+from sparsefw.testing.resume import assert_same_run, interrupted_and_resumed
 
 from .conftest import merge
 from .test_sparsifier import BASE, METHODS
@@ -193,6 +193,16 @@ def test_a_run_with_the_kernel_equals_one_with_torchs_fused_sgd(catalogue, tmp_p
     a, b = fused.optimizer.state_dict()["state"], masked.optimizer.state_dict()["state"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k]["momentum_buffer"], b[k]["momentum_buffer"]) for k in a)
+
+
+def test_kill_and_resume_with_the_kernel_is_bit_identical(catalogue, make_config, tmp_path):
+    cfg, raw = make_config(train={"epochs": 3, "checkpoint_every": 1},
+                           topology_update={"name": "rigl", "every": 2, "end": 1.0},
+                           optimizer={"implementation": "fused_masked"})
+    full, resumed = interrupted_and_resumed(cfg, raw, catalogue, tmp_path, 5)
+    assert isinstance(full.optimizer, MaskedSGD) and isinstance(resumed.optimizer, MaskedSGD)
+    assert resumed.state.step == full.state.step
+    assert_same_run(full, resumed)
 
 
 def test_the_sparsifier_leaves_the_mask_pass_to_the_optimizer(catalogue, monkeypatch):
