@@ -255,3 +255,25 @@ def test_without_ninja_the_kernel_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ninja", None)  # import ninja raises ImportError
     with pytest.raises(kernels.KernelUnavailable, match=r"ninja.*sparsefw\[kernels\]"):
         kernels.load_masked_sgd.__wrapped__()
+
+
+def test_a_slow_load_is_announced_and_a_failed_build_is_unavailable(monkeypatch, capfd):
+    from torch.utils import cpp_extension
+
+    def slow(**kwargs):
+        import time
+
+        time.sleep(0.3)
+        return "module"
+
+    monkeypatch.setattr(kernels, "NOTICE_AFTER_S", 0.01)
+    monkeypatch.setattr(cpp_extension, "load", slow)
+    assert kernels.load_masked_sgd.__wrapped__() == "module"
+    assert "building the masked SGD kernel" in capfd.readouterr().err
+
+    def broken(**kwargs):
+        raise RuntimeError("Error building extension 'sparsefw_masked_sgd'")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    with pytest.raises(kernels.KernelUnavailable, match="failed to build: Error building"):
+        kernels.load_masked_sgd.__wrapped__()

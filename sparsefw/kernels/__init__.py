@@ -19,6 +19,8 @@ import functools
 import os
 import platform
 import shutil
+import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -33,6 +35,8 @@ class KernelUnavailable(RuntimeError):
     """A kernel of sparsefw's cannot be built or loaded here; the message says why."""
 
 
+#: seconds of loading after which a build is announced on stderr
+NOTICE_AFTER_S = 3.0
 #: floats per vector of torch's CPU kernels, by the capability torch dispatches to
 VECTOR_WIDTHS = {"AVX2": 8, "AVX512": 16}
 
@@ -68,14 +72,21 @@ def load_masked_sgd() -> ModuleType:
     if shutil.which(compiler) is None:
         raise KernelUnavailable(f"the masked SGD kernel needs a C++ compiler ({compiler!r} "
                                 f"not found; set CXX to one)")
+    flags = build_flags()
+    # a build takes about a minute: say so if loading has not finished after a few seconds
+    notice = threading.Timer(NOTICE_AFTER_S, print, args=(
+        "sparsefw: building the masked SGD kernel on first use (about a minute; cached in "
+        "torch's extension directory afterwards)",), kwargs={"file": sys.stderr, "flush": True})
+    notice.daemon = True
+    notice.start()
     try:
         return cpp_extension.load(
             name="sparsefw_masked_sgd", sources=[str(HERE / "masked_sgd.cpp")],
-            extra_cflags=build_flags(), verbose=False)
-    except KernelUnavailable:
-        raise
+            extra_cflags=flags, verbose=False)
     except Exception as exc:  # a compiler error, a stale or broken cache entry
         raise KernelUnavailable(f"the masked SGD kernel failed to build: {exc}") from exc
+    finally:
+        notice.cancel()
 
 
 def _find_ninja() -> None:
