@@ -9,6 +9,8 @@ Rows, all on the same model, fixed batch and SGD settings (lr 0.05, momentum 0.9
                           ``fused`` SGD (``bench.py``'s baseline)
   (b)  ``hard90``         sparsefw's Trainer, hard masks at 90% sparsity (random, ERK)
   (b') ``loop_hard90``    the same method in the plain loop through :class:`sparsefw.Sparsifier`
+  (b'') ``hard90_masked`` (b) with ``[optimizer] implementation = "fused_masked"`` (sparsefw's
+                          CPU kernel folds the mask into the SGD update; where it builds)
   (c)  ``rigl``           sparsefw's RigL (Evci et al., arXiv 1911.11134) on (b): a regular
                           step, an update step and the cost amortised over ΔT = 100
   (d)  ``seed``           a hand-written "seed-style" mask loop of the kind one-off research
@@ -282,7 +284,8 @@ def rows(spec, catalogue, device: torch.device, sizes: Sizes, run_dir: Path) -> 
     def engine(key: str) -> Callable[[], Any]:
         def build():
             v: Variant = bench_variants[key]
-            missing = bench.missing_components(v, set(registry.entries))
+            missing = (bench.missing_components(v, set(registry.entries))
+                       or (v.unavailable and v.unavailable(device)))
             if missing:
                 raise NotRegistered(missing)
             return EngineRunner(spec, v, catalogue, device, False, sizes,
@@ -298,6 +301,9 @@ def rows(spec, catalogue, device: torch.device, sizes: Sizes, run_dir: Path) -> 
         Row("loop_hard90", "(b') sparsefw hard 90%, loop + Sparsifier",
             lambda: SparsifierRunner(spec, bench_variants["loop_hard90"], catalogue, device,
                                      False), kernels=kern),
+        Row("hard90_masked", "(b'') sparsefw hard 90%, Trainer, fused_masked",
+            engine("hard90_masked"), kernels="fused_masked",
+            note="the mask folded into the SGD update by sparsefw's CPU kernel"),
         Row("rigl", "(c) sparsefw RigL 90%, regular step", engine("rigl"),
             kernels=kern, updates=True),
         Row("seed", "(d) seed-style mask loop 90%",
