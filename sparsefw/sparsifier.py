@@ -338,10 +338,10 @@ class Sparsifier:
         self._reapply_masks = not isinstance(self.optimizer, _MASK_SAFE_OPTIMIZERS)
         #: a MaskedSGD zeroes the pruned gradients in its own update (sparsefw.kernels), so
         #: ``step`` leaves that pass to it (not under a loss scaler, which may skip the step)
-        self._optimizer_masks = (isinstance(self.optimizer, MaskedSGD)
-                                 and self.masks.kind == "hard" and not self.sharded
-                                 and (scaler is None or not scaler.is_enabled()))
-        if isinstance(self.optimizer, MaskedSGD) and self.masks.kind == "hard":
+        masked_sgd = (isinstance(self.optimizer, MaskedSGD) and self.masks.kind == "hard"
+                      and not self.sharded)  # (sharded: the masks are the shards')
+        self._optimizer_masks = masked_sgd and (scaler is None or not scaler.is_enabled())
+        if masked_sgd:
             self.optimizer.mask_source = self.masks.hard_mask_lists
         #: inside ``step``: the next ``post_backward`` leaves the gradient masking to the
         #: optimizer; after it, whether it did

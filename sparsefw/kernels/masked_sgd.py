@@ -113,8 +113,10 @@ class MaskedSGD(torch.optim.SGD):
         already masked)."""
         momentum = group["momentum"]
         bufs = [self.state[p].get("momentum_buffer") for p in params]
+        # torch's fused kernel takes plain tensors (not DTensor shards: its default then)
+        plain = all(type(p.grad) is torch.Tensor for p in params)
         sgd(
-            params, [p.grad for p in params], bufs, fused=True,
+            params, [p.grad for p in params], bufs, fused=True if plain else None,
             weight_decay=group["weight_decay"], momentum=momentum, lr=group["lr"],
             dampening=group["dampening"], nesterov=group["nesterov"],
             maximize=group["maximize"])
@@ -124,11 +126,11 @@ class MaskedSGD(torch.optim.SGD):
 
 
 def _takes(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None) -> bool:
-    """Does the kernel take this parameter (float32, contiguous, on the CPU, dense gradient;
-    its mask, if any, the same)?"""
-    ok = (p.dtype == torch.float32 and p.device.type == "cpu" and g.dtype == torch.float32
-          and g.layout == torch.strided and p.is_contiguous() and g.is_contiguous()
-          and g.shape == p.shape)
+    """Does the kernel take this parameter (float32, contiguous, on the CPU, a plain dense
+    gradient — not a tensor subclass such as an FSDP2 shard; its mask, if any, the same)?"""
+    ok = (type(g) is torch.Tensor and p.dtype == torch.float32 and p.device.type == "cpu"
+          and g.dtype == torch.float32 and g.layout == torch.strided and p.is_contiguous()
+          and g.is_contiguous() and g.shape == p.shape)
     if ok and m is not None:
         ok = m.dtype == torch.float32 and m.is_contiguous() and m.shape == p.shape
     return ok
