@@ -136,6 +136,20 @@ def test_without_write_back_the_update_is_the_same_and_grad_stays_unmasked():
                        opt.state[ours[0]]["momentum_buffer"])
 
 
+def test_the_step_bumps_autograd_version_counters():
+    """Written through raw pointers, the tensors are still marked modified (a graph that saved
+    a weight before the step then fails loudly in backward, as with torch's optimizers)."""
+    w = torch.randn(20, requires_grad=True)
+    opt = MaskedSGD([w], lr=0.1, momentum=0.9)
+    mask = (torch.rand(20) < 0.5).float()
+    opt.mask_source = lambda: ([w], [mask])
+    saved = (w * w).sum()  # saves w for its backward
+    w.grad = torch.randn(20)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+
+
 def test_parameters_the_kernel_does_not_take_go_through_torch():
     """float64 and non-contiguous parameters, masked or not: the mask pass and torch's SGD."""
     torch.manual_seed(0)

@@ -52,6 +52,7 @@ void masked_sgd_(const std::vector<at::Tensor>& params, const std::vector<at::Te
               "masked_sgd_: params, grads and masks differ in length");
   TORCH_CHECK(!use_momentum || (bufs.size() == n_tensors && first.size() == n_tensors),
               "masked_sgd_: one momentum buffer and first-step flag per parameter");
+  const bool use_wd = weight_decay != 0.0;  // tested in double, as torch's kernel does
   const float wd = static_cast<float>(weight_decay);
   const float mu = static_cast<float>(momentum);
   const float keep = static_cast<float>(1.0 - dampening);
@@ -78,7 +79,7 @@ void masked_sgd_(const std::vector<at::Tensor>& params, const std::vector<at::Te
         if (write_back) g[i] = gi;
       }
       if (maximize) gi = gi * -1.0f;
-      if (wd != 0.0f) gi = std::fma(p[i], wd, gi);
+      if (use_wd) gi = std::fma(p[i], wd, gi);
       if (use_momentum) {
         const float bi = is_first ? gi : std::fma(b[i], mu, gi * keep);
         b[i] = bi;
@@ -100,7 +101,7 @@ void masked_sgd_(const std::vector<at::Tensor>& params, const std::vector<at::Te
         }
         __m256 pv = _mm256_loadu_ps(p + i);
         if (maximize) gv = _mm256_mul_ps(gv, v_minus);
-        if (wd != 0.0f) gv = _mm256_fmadd_ps(pv, v_wd, gv);
+        if (use_wd) gv = _mm256_fmadd_ps(pv, v_wd, gv);
         if (use_momentum) {
           const __m256 bv = is_first ? gv
               : _mm256_fmadd_ps(gv, v_keep, _mm256_mul_ps(_mm256_loadu_ps(b + i), v_mu));

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from torch.autograd.graph import increment_version
 from torch.optim.sgd import sgd  # torch's functional SGD
 
 from sparsefw.kernels import load_masked_sgd, vector_width
@@ -98,6 +99,8 @@ class MaskedSGD(torch.optim.SGD):
                     float(lr), float(momentum), float(group["dampening"]),
                     float(group["weight_decay"]), bool(group["nesterov"]),
                     bool(group["maximize"]), self._width, self.keep_masked_grads)
+                # written through raw pointers: tell autograd, as torch's in-place ops do
+                increment_version(params + bufs + (grads if self.keep_masked_grads else []))
             if rest:
                 self._torch_step(group, rest)
         return loss
