@@ -19,8 +19,10 @@ One run measures, on the same model, the same fixed batch and the same optimizer
                   forward MaskSet whose 2:4 masks the benchmark builds itself); ``nm24_every``
                   recomputes the mask every step (``nm`` topology, SR-STE style) when registered
   (e) ``rigl``    RigL on top of (c): a regular step, an update step, and the cost amortised
-                  over ΔT = 100 steps; (e2)-(e5) ``set``, ``granet``, ``dsr``, ``snfs`` the same
-                  for the other drop-and-grow methods
+                  over ΔT = 100 steps; (e') ``rigl_kernels`` the same with ``[sparsity]
+                  cpu_kernels = true`` (compiled selection pre-filter, fused_masked SGD; against
+                  (c"); CPU only); (e2)-(e6) ``set``, ``granet``, ``dsr``, ``snfs``, ``mest`` the
+                  same for the other drop-and-grow methods
   (f) ``s2sam``, (g) ``sam``, (h) ``agent``  on top of (c); AGENT also per epoch (its epoch hooks
                   run a statistics pass over the training data); (h') ``agent_prev`` its
                   ``mean_grad = "previous_epoch"`` variant (no statistics pass); (h'')
@@ -107,7 +109,7 @@ TOPOLOGY_ROWS = (
 TARGETS = {"hard90": ("plain", 1.05), "hard90_masked": ("plain", 1.05),
            "s2sam": ("hard90", {32: 1.10, None: 1.05})}
 #: a topology update step costs at most this many of its own regular steps
-UPDATE_TARGETS = {"rigl": 2.0}
+UPDATE_TARGETS = {"rigl": 2.0, "rigl_kernels": 2.0}
 #: a timed block lasts about this long (at most ``steps`` steps, at least one)
 BLOCK_S = 0.25
 #: variants whose step is shorter than this get an untimed step before each timed block
@@ -227,9 +229,22 @@ class Variant:
     unavailable: Callable[[torch.device], str | None] | None = None
 
 
-def _hard90(**extra) -> dict:
-    return {"sparsity": {"density": 0.1, "distribution": "erk", "kind": "hard"},
+def _hard90(sparsity: dict | None = None, **extra) -> dict:
+    return {"sparsity": {"density": 0.1, "distribution": "erk", "kind": "hard",
+                         **(sparsity or {})},
             "mask_init": {"name": "random"}, **extra}
+
+
+def cpu_kernels_unavailable(device: torch.device) -> str | None:
+    """Why ``[sparsity] cpu_kernels = true`` cannot run on ``device`` (its kernels are built
+    here on first use), or None."""
+    if device.type != "cpu":
+        return "sparsefw's CPU kernels are for CPUs"
+    try:
+        from sparsefw.kernels import unavailable
+    except ImportError:
+        return "this sparsefw has no [sparsity] cpu_kernels"
+    return unavailable()
 
 
 def masked_sgd_unavailable(device: torch.device) -> str | None:
@@ -238,11 +253,14 @@ def masked_sgd_unavailable(device: torch.device) -> str | None:
     if device.type != "cpu":
         return "the fused_masked kernel is for CPUs"
     try:
-        from sparsefw.kernels import KernelUnavailable, load_masked_sgd
+        from sparsefw import kernels
     except ImportError:
         return "this sparsefw has no fused_masked kernel"
+    # (load_masked_sgd: the name before the compare-and-compact kernel joined the module)
+    load = getattr(kernels, "load_kernels", None) or kernels.load_masked_sgd
+    KernelUnavailable = kernels.KernelUnavailable
     try:
-        load_masked_sgd()
+        load()
     except KernelUnavailable as exc:
         return str(exc)
     return None
@@ -315,6 +333,13 @@ def variants(spec: ModelSpec, registry, names: set[str]) -> list[Variant]:
         Variant("rigl", "(e) RigL, regular step", base="hard90",
                 sections=_hard90(topology_update={"name": "rigl", "every": RIGL_EVERY}),
                 requires=(("topology_update", "rigl"),), updates=True),
+        Variant("rigl_kernels", "(e') RigL with [sparsity] cpu_kernels, regular step",
+                base="hard90_masked",
+                sections=_hard90(sparsity={"cpu_kernels": True},
+                                 topology_update={"name": "rigl", "every": RIGL_EVERY}),
+                requires=(("topology_update", "rigl"),), updates=True,
+                unavailable=cpu_kernels_unavailable,
+                note="compiled selection pre-filter and the fused_masked SGD kernel"),
         *(Variant(name, f"(e{i}) {label}, regular step", base="hard90",
                   sections=_hard90(topology_update={"name": name, "every": RIGL_EVERY}),
                   requires=(("topology_update", name),), updates=True, note=note)

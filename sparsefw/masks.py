@@ -159,7 +159,10 @@ class BoolMasks(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         m = self._bools.get(name)
         if m is None:
-            m = self._bools[name] = self._floats[name].bool()  # (2x faster than != 0)
+            f = self._floats[name]
+            flat = flat_numpy(f)  # a large CPU mask: numpy's != 0, ~2x faster than .bool()
+            m = f.bool() if flat is None else torch.from_numpy(flat != 0).view(f.shape)
+            self._bools[name] = m  # (torch's .bool() is itself 2x faster than its != 0)
         return m
 
     def __iter__(self):

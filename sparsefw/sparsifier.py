@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from sparsefw import distributions, initialisation, sharding
+from sparsefw import distributions, initialisation, kernels, sharding
 from sparsefw.config import ConfigError, RunConfig, apply_overrides, read_toml, structure
 from sparsefw.cost import DENSE_GRAD_PASSES
 from sparsefw.engine import distributed
@@ -254,6 +254,8 @@ class Sparsifier:
         cfg = method_config(config, self.catalogue, **shortcuts)
         if cfg.train.amp != amp and front_door != "trainer":
             cfg = attrs.evolve(cfg, train=attrs.evolve(cfg.train, amp=amp))
+        if cfg.sparsity.cpu_kernels and (reason := kernels.unavailable()):
+            raise ConfigError([f"[sparsity] cpu_kernels = true: {reason}"])
         self.cfg = cfg
         self.front_door = front_door
         self.model, found_ddp = _unwrap_model(model)

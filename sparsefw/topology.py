@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import attrs
@@ -231,6 +231,7 @@ def select_indices(
     *,
     largest: bool,
     magnitude: bool = False,
+    compact: Callable | None = None,
 ) -> list[torch.Tensor]:
     """:func:`select_per_segment` with host counts, answered as flat indices: per layer a long
     tensor (on the layer's device, in no particular order) of the ``k[i]`` chosen entries of
@@ -239,14 +240,17 @@ def select_indices(
 
     ``magnitude`` (implied by :class:`Magnitudes` scores): the scores are ``|scores[i]|``;
     large CPU layers then compare ``scores[i]`` with ``±t`` instead of building the absolute
-    values."""
+    values.
+
+    ``compact``: the compiled compare-and-compact of :func:`compiled_compact` (large CPU
+    layers pre-filter in one pass; the same entries are selected), or None (numpy)."""
     if isinstance(scores, RandomScores):
-        return _select_random(scores, candidates, k, largest)
+        return _select_random(scores, candidates, k, largest, compact)
     if isinstance(scores, Magnitudes):
         scores, magnitude = scores.signed, True
     fill = -math.inf if largest else math.inf
     return [_select_topk(s.reshape(-1).float(), c.reshape(-1), int(k[i]), largest, fill,
-                         magnitude)
+                         magnitude, compact)
             for i, (s, c) in enumerate(zip(scores, candidates, strict=True))]
 
 
@@ -256,12 +260,14 @@ def select_global_indices(
     k: int,
     *,
     largest: bool,
+    compact: Callable | None = None,
 ) -> list[torch.Tensor]:
     """One global selection over every layer with a host count: the ``k`` best candidates
     of all ``scores`` together (ties to the lower flat index, the earlier layer first: the
     entries :func:`select_per_segment` with ``single_segment`` picks), answered per layer as
     flat indices (long tensors, in no particular order). Through :func:`_select_topk`, so a
-    large CPU selection takes the sampled pre-filter instead of a full sort."""
+    large CPU selection takes the sampled pre-filter instead of a full sort (``compact`` as
+    for :func:`select_indices`)."""
     magnitude = isinstance(scores, Magnitudes)
     layers = scores.signed if magnitude else list(scores)
     if not layers:
@@ -271,15 +277,26 @@ def select_global_indices(
     flat = torch.cat([s.reshape(-1).float() for s in layers])
     cand = torch.cat([c.reshape(-1) for c in candidates])
     fill = -math.inf if largest else math.inf
-    chosen = _select_topk(flat, cand, int(k), largest, fill, magnitude)
+    chosen = _select_topk(flat, cand, int(k), largest, fill, magnitude, compact)
     sizes = torch.tensor([s.numel() for s in layers], device=chosen.device)
     ends = torch.cumsum(sizes, 0)
     layer = torch.bucketize(chosen, ends, right=True)  # which layer each chosen index is in
     return [chosen[layer == i] - (ends[i] - sizes[i]) for i in range(len(layers))]
 
 
+def compiled_compact(state) -> Callable | None:
+    """The compiled compare-and-compact (:mod:`sparsefw.kernels`) for a run with ``[sparsity]
+    cpu_kernels = true`` (loaded then: the front doors check that it can be), else None; what
+    the selections take as ``compact``."""
+    if not state.config.sparsity.cpu_kernels:
+        return None
+    from sparsefw.kernels import load_kernels
+
+    return load_kernels().kept_indices
+
+
 def _select_random(scores: RandomScores, candidates: Sequence[torch.Tensor], k: Sequence[int],
-                   largest: bool) -> list[torch.Tensor]:
+                   largest: bool, compact: Callable | None = None) -> list[torch.Tensor]:
     """:func:`select_indices` of :class:`RandomScores`, layer by layer in order: a large CPU
     layer's subset drawn directly (:func:`sample_candidates`; the smallest ``k`` of uniform
     scores are as uniform a subset as the largest), any other layer scored and selected."""
@@ -292,11 +309,13 @@ def _select_random(scores: RandomScores, candidates: Sequence[torch.Tensor], k: 
             if chosen is not None:
                 out.append(torch.from_numpy(chosen))
                 continue
-        out.append(_select_topk(scores.draw(i), flat, int(k[i]), largest, fill))
+        out.append(_select_topk(scores.draw(i), flat, int(k[i]), largest, fill,
+                                compact=compact))
     return out
 
 
-def _select_topk(flat, cand, k: int, largest, fill, magnitude=False) -> torch.Tensor:
+def _select_topk(flat, cand, k: int, largest, fill, magnitude=False, compact=None
+                 ) -> torch.Tensor:
     """:func:`_select` with a host count, as flat indices: a partial top-k on unique integer
     keys (:func:`_order_keys`), or on CPU layers :func:`_select_sampled` (large ones) and
     :func:`_select_small`, which pick the same entries."""
@@ -304,7 +323,7 @@ def _select_topk(flat, cand, k: int, largest, fill, magnitude=False) -> torch.Te
     if k <= 0:
         return torch.zeros(0, dtype=torch.long, device=flat.device)
     if flat.device.type == "cpu" and flat.numel() >= SAMPLED_MIN_NUMEL:
-        chosen = _select_sampled(flat, cand, k, largest, magnitude)
+        chosen = _select_sampled(flat, cand, k, largest, magnitude, compact)
         if chosen is not None:
             return chosen
     elif flat.device.type == "cpu":
@@ -354,8 +373,8 @@ def _ordered(x: float) -> int:
     return bits ^ 0x7FFFFFFF if bits < 0 else bits
 
 
-def _select_sampled(flat, cand, k: int, largest: bool, magnitude: bool = False
-                    ) -> torch.Tensor | None:
+def _select_sampled(flat, cand, k: int, largest: bool, magnitude: bool = False,
+                    compact: Callable | None = None) -> torch.Tensor | None:
     """:func:`_select_topk` on a large CPU layer: exactly the same entries (as flat
     indices), ~10x faster.
 
@@ -381,7 +400,10 @@ def _select_sampled(flat, cand, k: int, largest: bool, magnitude: bool = False
 
     ``magnitude``: the scores are ``|flat|`` (``t ≥ 0``); step 2 compares ``flat`` with ``±t``
     (``|x| < t`` is ``-t < x < t``; a NaN is on no side, as before) and only the kept entries'
-    absolute values are taken."""
+    absolute values are taken.
+
+    ``compact``: step 2 by the compiled kernel of :func:`compiled_compact` (one pass, the
+    same indices)."""
     n = flat.numel()
     s = flat.detach().reshape(-1).numpy()
     c = cand.reshape(-1).numpy()
@@ -400,7 +422,11 @@ def _select_sampled(flat, cand, k: int, largest: bool, magnitude: bool = False
         t = np.partition(v, r - 1)[r - 1]
     if np.isnan(t):
         return None
-    idx = _kept(s, c, t, largest, magnitude)
+    if compact is None:
+        idx = _kept(s, c, t, largest, magnitude)
+    else:
+        idx = compact(torch.from_numpy(s), torch.from_numpy(c), float(t), largest, magnitude,
+                      r * n // _SAMPLE).numpy()
     if idx.size < k:
         return None
     vals = s.take(idx)
@@ -621,12 +647,15 @@ class DropGrow:
         """:meth:`drop_grow` with host counts, answered as flat indices per layer: ``(dropped,
         grown)``, long tensors (in no particular order). The new mask is ``masks[i]`` with
         ``dropped`` cleared, then ``grown`` set (an entry in both was re-grown: it stays)."""
-        dropped = select_indices(self.drop_scores(state, names), masks, k_drop, largest=False)
+        compact = compiled_compact(state)
+        dropped = select_indices(self.drop_scores(state, names), masks, k_drop, largest=False,
+                                 compact=compact)
         cand = [(~m).contiguous() for m in masks]
         if self.cfg.regrow_dropped:  # inactive after the drop
             for c, d in zip(cand, dropped, strict=True):
                 fill_at(c, d, True)
-        grown = select_indices(self.grow_scores(state, names), cand, k_grow, largest=True)
+        grown = select_indices(self.grow_scores(state, names), cand, k_grow, largest=True,
+                               compact=compact)
         return list(zip(dropped, grown, strict=True))
 
     def new_masks(self, state, names: list[str], masks: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -835,5 +864,5 @@ def random_scores(state, names: list[str]) -> RandomScores:
 __all__ = [
     "DECAYS", "DropGrow", "DropGrowConfig", "Magnitudes", "RandomScores", "cosine_fraction",
     "counts", "edited_mask", "grad_abs", "random_scores", "reallocate", "sample_candidates",
-    "select_global_indices", "select_indices", "select_per_segment",
+    "compiled_compact", "select_global_indices", "select_indices", "select_per_segment",
 ]

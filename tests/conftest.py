@@ -68,6 +68,21 @@ def device(request):
     return dev
 
 
+def kernels_or_skip() -> None:
+    """Build (or load) sparsefw's CPU kernels; skip the calling tests where they cannot be
+    built, unless ``SPARSEFW_REQUIRE_KERNELS=1`` (tox sets it: CI has a compiler and ninja, so
+    a kernel that stopped compiling fails there instead of skipping its tests)."""
+    from sparsefw import kernels
+
+    reason = kernels.unavailable()
+    if reason is None:
+        return
+    if os.environ.get("SPARSEFW_REQUIRE_KERNELS") == "1":
+        pytest.fail(f"sparsefw's CPU kernels are required here (SPARSEFW_REQUIRE_KERNELS=1) "
+                    f"but: {reason}")
+    pytest.skip(f"sparsefw's CPU kernels are not available here: {reason}")
+
+
 @pytest.fixture(scope="session")
 def catalogue():
     """Built-in plugins only (entry points not loaded)."""

@@ -60,7 +60,8 @@ def test_quick_run_prints_the_ratio_table(tmp_path):
         assert v["agent"]["per_epoch"]["batches"] >= 1
     assert data["meta"]["torch"] == torch.__version__ and data["meta"]["command"]
     checks = {c["variant"]: c for c in data["acceptance"]}
-    assert set(checks) == {"hard90", "hard90_masked", "s2sam", "rigl.update"}
+    assert set(checks) == {"hard90", "hard90_masked", "s2sam", "rigl.update",
+                           "rigl_kernels.update"}
     assert checks["s2sam"]["limit"] == (1.10 if res["batch"] == 32 else 1.05)
     if v["rigl"]["status"] == "ok":
         ratio = v["rigl"]["update"]["median_ms"] / v["rigl"]["median_ms"]

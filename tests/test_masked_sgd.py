@@ -20,21 +20,14 @@ from sparsefw.engine import Trainer
 from sparsefw.kernels.masked_sgd import MaskedSGD
 from sparsefw.testing.resume import assert_same_run, interrupted_and_resumed
 
-from .conftest import merge
+from .conftest import kernels_or_skip, merge
 from .test_sparsifier import BASE, METHODS
-
-
-def _kernel_or_skip():
-    try:
-        kernels.load_masked_sgd()
-    except kernels.KernelUnavailable as exc:
-        pytest.skip(f"masked SGD kernel not available here: {exc}")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    """Build (or load) the kernel once for the module; skip where it cannot be built."""
-    _kernel_or_skip()
+    """Build (or load) the kernel once for the module (:func:`kernels_or_skip`)."""
+    kernels_or_skip()
 
 
 def _options(draw_mom, draw_damp, nesterov, maximize, wd, lr):
@@ -268,7 +261,7 @@ def test_without_ninja_the_kernel_says_how_to_get_it(monkeypatch):
     monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
     monkeypatch.setitem(sys.modules, "ninja", None)  # import ninja raises ImportError
     with pytest.raises(kernels.KernelUnavailable, match=r"ninja.*sparsefw\[kernels\]"):
-        kernels.load_masked_sgd.__wrapped__()
+        kernels.load_kernels.__wrapped__()
 
 
 def test_a_slow_load_is_announced_and_a_failed_build_is_unavailable(monkeypatch, capfd):
@@ -282,12 +275,12 @@ def test_a_slow_load_is_announced_and_a_failed_build_is_unavailable(monkeypatch,
 
     monkeypatch.setattr(kernels, "NOTICE_AFTER_S", 0.01)
     monkeypatch.setattr(cpp_extension, "load", slow)
-    assert kernels.load_masked_sgd.__wrapped__() == "module"
-    assert "building the masked SGD kernel" in capfd.readouterr().err
+    assert kernels.load_kernels.__wrapped__() == "module"
+    assert "building its CPU kernels" in capfd.readouterr().err
 
     def broken(**kwargs):
-        raise RuntimeError("Error building extension 'sparsefw_masked_sgd'")
+        raise RuntimeError("Error building extension 'sparsefw_kernels'")
 
     monkeypatch.setattr(cpp_extension, "load", broken)
     with pytest.raises(kernels.KernelUnavailable, match="failed to build: Error building"):
-        kernels.load_masked_sgd.__wrapped__()
+        kernels.load_kernels.__wrapped__()

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from sparsefw import config as config_mod
+from sparsefw.config import SparsityConfig
 from sparsefw.masks import MaskSet
 from sparsefw.plugins import build_run
 from sparsefw.topology import cosine_fraction, reallocate, select_per_segment
@@ -40,7 +41,7 @@ def fake_state(layers, *, values=None, step=0, total=100, seed=0, density=0.5):
     return SimpleNamespace(
         masks=ms, generator=torch.Generator().manual_seed(seed), values=dict(values or {}),
         metrics={}, step=step, total_steps=total, device=torch.device("cpu"),
-        config=SimpleNamespace(sparsity=SimpleNamespace(density=density)),
+        config=SimpleNamespace(sparsity=SparsityConfig(density=density)),
     )
 
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sparsefw import config as config_mod
+from sparsefw.config import SparsityConfig
 from sparsefw.engine import Trainer
 from sparsefw.engine.trainer import train
 from sparsefw.hookspecs import hookimpl
@@ -69,7 +70,7 @@ def emulated_state(layer_shapes, density, seed, alpha, target_density):
         masks=ms, generator=torch.Generator().manual_seed(seed + 1),
         values={"drop_fraction": alpha, "density": target_density}, metrics={}, step=0,
         total_steps=100, device=torch.device("cpu"),
-        config=SimpleNamespace(sparsity=SimpleNamespace(density=target_density)),
+        config=SimpleNamespace(sparsity=SparsityConfig(density=target_density)),
     )
 
 

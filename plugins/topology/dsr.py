@@ -33,6 +33,7 @@ from sparsefw.masks import fill_at, flat_numpy
 from sparsefw.topology import (
     DropGrow,
     DropGrowConfig,
+    compiled_compact,
     counts,
     random_scores,
     reallocate,
@@ -93,7 +94,8 @@ class DSR(DropGrow):
         if self.cfg.regrow_dropped:  # inactive after the prune
             for c, d in zip(cand, pruned, strict=True):
                 fill_at(c, d, True)
-        grown = select_indices(self.grow_scores(state, names), cand, share, largest=True)
+        grown = select_indices(self.grow_scores(state, names), cand, share, largest=True,
+                               compact=compiled_compact(state))
         return active, list(zip(pruned, grown, strict=True))
 
     def _threshold(self) -> float:

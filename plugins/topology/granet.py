@@ -36,6 +36,7 @@ from sparsefw.schedules import cosine_remaining, cubic_remaining, progress, span
 from sparsefw.topology import (
     DropGrow,
     DropGrowConfig,
+    compiled_compact,
     counts,
     edited_mask,
     grad_abs,
@@ -143,7 +144,8 @@ class GraNet(DropGrow):
         n_active = active.tolist()  # the update's one read (free on the CPU)
         keep = self._density_metric(state, old, active.device, sum(n_active))
         pruned = select_global_indices(self.drop_scores(state, names), old,
-                                       max(sum(n_active) - keep, 0), largest=False)
+                                       max(sum(n_active) - keep, 0), largest=False,
+                                       compact=compiled_compact(state))
         after = [edited_mask(m, p, p[:0]) if p.numel() else m
                  for m, p in zip(old, pruned, strict=True)]
         alpha = self._alpha(state, active.device)

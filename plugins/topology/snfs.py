@@ -31,6 +31,7 @@ from sparsefw.hookspecs import hookimpl
 from sparsefw.topology import (
     DropGrow,
     DropGrowConfig,
+    compiled_compact,
     counts,
     edited_mask,
     reallocate,
@@ -88,12 +89,13 @@ class SNFS(DropGrow):
         k_drop = self.drop_counts(state, active)
         # (CPU masks: the counts are host memory, read through a numpy view without a sync;
         # the update's one sync reads the momentum sums in _regrowth)
+        compact = compiled_compact(state)
         dropped = select_indices(self.drop_scores(state, names), old, k_drop.numpy().tolist(),
-                                 largest=False)
+                                 largest=False, compact=compact)
         after = [edited_mask(m, d, d[:0]) for m, d in zip(old, dropped, strict=True)]
         momentum = self._momentum(state, names)
         share, cand = self._regrowth(old, after, k_drop, momentum)
-        grown = select_indices(momentum, cand, share, largest=True)
+        grown = select_indices(momentum, cand, share, largest=True, compact=compact)
         return active, list(zip(dropped, grown, strict=True))
 
     def _regrowth(self, masks, after, k_drop: torch.Tensor, momentum):

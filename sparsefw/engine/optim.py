@@ -47,7 +47,7 @@ def kernel_options(implementation: str, device: torch.device) -> dict[str, bool]
 def fused_masked_problems(cfg: RunConfig, device: torch.device) -> list[str]:
     """Why ``[optimizer] implementation = "fused_masked"`` cannot run this configuration
     (empty: it can; the kernel is built here if it was not yet)."""
-    from sparsefw.kernels import KernelUnavailable, load_masked_sgd
+    from sparsefw import kernels
 
     problems = []
     if cfg.optimizer.name != "sgd":
@@ -62,11 +62,8 @@ def fused_masked_problems(cfg: RunConfig, device: torch.device) -> list[str]:
     if cfg.train.parallel == "fsdp":
         problems.append('sharded DTensor parameters are not plain CPU tensors: [train] '
                         'parallel = "fsdp"')
-    if not problems:
-        try:
-            load_masked_sgd()
-        except KernelUnavailable as exc:
-            problems.append(str(exc))
+    if not problems and (reason := kernels.unavailable()):
+        problems.append(reason)
     return problems
 
 

@@ -17,7 +17,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from sparsefw import distributed_checkpoint, sharding
+from sparsefw import distributed_checkpoint, kernels, sharding
 from sparsefw.config import ConfigError, RunConfig
 from sparsefw.engine import checkpoint, distributed
 from sparsefw.engine.guard import DivergenceGuard
@@ -115,8 +115,13 @@ class Trainer:
         total = self.steps_per_round + (tc.rounds - 1) * later
         self.total_steps = min(total, tc.max_steps) if tc.max_steps else total
         opt_cfg = cfg.optimizer
+        if cfg.sparsity.cpu_kernels and (reason := kernels.unavailable()):
+            raise ConfigError([f"{config_source}: [sparsity] cpu_kernels = true: {reason}"])
         if self.fsdp and opt_cfg.implementation == "auto":  # no fused kernels for DTensors
             opt_cfg = attrs.evolve(opt_cfg, implementation="foreach")
+        if (opt_cfg.implementation == "auto" and cfg.sparsity.cpu_kernels
+                and not fused_masked_problems(cfg, self.device)):
+            opt_cfg = attrs.evolve(opt_cfg, implementation="fused_masked")
         if opt_cfg.implementation == "fused_masked":
             problems = fused_masked_problems(cfg, self.device)
             if problems:

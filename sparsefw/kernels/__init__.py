@@ -1,16 +1,22 @@
 """sparsefw's own compiled CPU kernels, built on first use.
 
-One kernel so far: the hard-masked SGD step (``masked_sgd.cpp``; the optimizer that drives it
-is :class:`sparsefw.kernels.masked_sgd.MaskedSGD`). torch has no optimizer kernel that also
-applies a mask, so a hard-masked step on the CPU otherwise makes one more pass over every
-masked gradient and its mask than a plain step (``g ← g ⊙ m``), which on a memory-bound model is
-most of the gap to the plain loop (``benchmarks/mask_pass.py``).
+Two kernels, in one extension module:
 
-The kernel is compiled with :func:`torch.utils.cpp_extension.load` the first time it is asked
+* the hard-masked SGD step (``masked_sgd.cpp``; the optimizer that drives it is
+  :class:`sparsefw.kernels.masked_sgd.MaskedSGD`). torch has no optimizer kernel that also
+  applies a mask, so a hard-masked step on the CPU otherwise makes one more pass over every
+  masked gradient and its mask than a plain step (``g ← g ⊙ m``), which on a memory-bound model
+  is most of the gap to the plain loop (``benchmarks/mask_pass.py``);
+* compare-and-compact (``compact.cpp``): the pre-filter of the exact top-k selection of
+  topology updates (:func:`sparsefw.topology.select_indices` on large CPU layers) in one pass
+  over the scores and candidates instead of numpy's four; the selected entries are the same.
+
+The module is compiled with :func:`torch.utils.cpp_extension.load` the first time it is asked
 for (a C++ compiler and the ``ninja`` build tool are needed: ``pip install "sparsefw[kernels]"``;
 the build takes about a minute on two cores and is cached in torch's extension directory,
 ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``). Nothing imports or builds it unless a
-configuration asks for it (``[optimizer] implementation = "fused_masked"``).
+configuration asks for it (``[train] cpu_kernels = true``, or ``[optimizer] implementation =
+"fused_masked"``).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["KernelUnavailable", "load_masked_sgd", "build_flags", "vector_width"]
+__all__ = ["KernelUnavailable", "load_kernels", "unavailable", "build_flags", "vector_width"]
 
 HERE = Path(__file__).resolve().parent
 
@@ -48,7 +54,7 @@ def vector_width() -> int:
     machine = platform.machine().lower()
     capability = torch.backends.cpu.get_cpu_capability()
     if machine not in ("x86_64", "amd64") or capability not in VECTOR_WIDTHS:
-        raise KernelUnavailable(f"the masked SGD kernel is for x86-64 CPUs with AVX2 or AVX-512 "
+        raise KernelUnavailable(f"sparsefw's CPU kernels are for x86-64 CPUs with AVX2 or AVX-512 "
                                 f"(this is {machine}, torch's CPU capability {capability})")
     return VECTOR_WIDTHS[capability]
 
@@ -61,32 +67,45 @@ def build_flags() -> list[str]:
     return ["-O3", "-ffp-contract=off", "-mavx2", "-mfma"]
 
 
+#: the sources of the extension module, compiled together
+SOURCES = ("masked_sgd.cpp", "compact.cpp", "bindings.cpp")
+
+
 @functools.cache
-def load_masked_sgd() -> ModuleType:
-    """The compiled hard-masked SGD kernel (built on the first call of a process, or loaded
-    from the extension cache); :class:`KernelUnavailable` with the reason where it cannot be."""
+def load_kernels() -> ModuleType:
+    """The compiled kernels (built on the first call of a process, or loaded from the
+    extension cache); :class:`KernelUnavailable` with the reason where they cannot be."""
     from torch.utils import cpp_extension
 
     _find_ninja()
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
-        raise KernelUnavailable(f"the masked SGD kernel needs a C++ compiler ({compiler!r} "
+        raise KernelUnavailable(f"sparsefw's CPU kernels need a C++ compiler ({compiler!r} "
                                 f"not found; set CXX to one)")
     flags = build_flags()
     # a build takes about a minute: say so if loading has not finished after a few seconds
     notice = threading.Timer(NOTICE_AFTER_S, print, args=(
-        "sparsefw: building the masked SGD kernel on first use (about a minute; cached in "
+        "sparsefw: building its CPU kernels on first use (about a minute; cached in "
         "torch's extension directory afterwards)",), kwargs={"file": sys.stderr, "flush": True})
     notice.daemon = True
     notice.start()
     try:
         return cpp_extension.load(
-            name="sparsefw_masked_sgd", sources=[str(HERE / "masked_sgd.cpp")],
+            name="sparsefw_kernels", sources=[str(HERE / f) for f in SOURCES],
             extra_cflags=flags, verbose=False)
     except Exception as exc:  # a compiler error, a stale or broken cache entry
-        raise KernelUnavailable(f"the masked SGD kernel failed to build: {exc}") from exc
+        raise KernelUnavailable(f"sparsefw's CPU kernels failed to build: {exc}") from exc
     finally:
         notice.cancel()
+
+
+def unavailable() -> str | None:
+    """Why the kernels cannot be used here (they are built if they were not yet), or None."""
+    try:
+        load_kernels()
+    except KernelUnavailable as exc:
+        return str(exc)
+    return None
 
 
 def _find_ninja() -> None:
@@ -97,6 +116,6 @@ def _find_ninja() -> None:
     try:
         import ninja
     except ImportError:
-        raise KernelUnavailable('the masked SGD kernel is built with ninja, which is not '
+        raise KernelUnavailable("sparsefw's CPU kernels are built with ninja, which is not "
                                 'installed: pip install "sparsefw[kernels]" (or ninja)') from None
     os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])

@@ -17,8 +17,10 @@
 // does the same at the same positions (``width`` comes from torch's CPU capability).
 // Built on first use by sparsefw.kernels (torch.utils.cpp_extension, -ffp-contract=off so the
 // compiler adds no contractions of its own).
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+
+#include "kernels.h"
 
 #include <immintrin.h>
 
@@ -113,9 +115,4 @@ void masked_sgd_(const std::vector<at::Tensor>& params, const std::vector<at::Te
     });
     for (int64_t i = vector_end; i < n; ++i) tail_entry(i);
   }
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("masked_sgd_", &masked_sgd_,
-             "hard-masked SGD step over lists of float32 CPU tensors (in place)");
 }

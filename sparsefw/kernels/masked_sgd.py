@@ -27,7 +27,7 @@ import torch
 from torch.autograd.graph import increment_version
 from torch.optim.sgd import sgd  # torch's functional SGD
 
-from sparsefw.kernels import load_masked_sgd, vector_width
+from sparsefw.kernels import load_kernels, vector_width
 
 __all__ = ["MaskedSGD", "MaskSource"]
 
@@ -45,7 +45,7 @@ class MaskedSGD(torch.optim.SGD):
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False):
-        self._kernel = load_masked_sgd()
+        self._kernel = load_kernels()
         self._width = vector_width()
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,

@@ -1,0 +1,12 @@
+// The Python module of sparsefw's compiled CPU kernels (loaded by sparsefw.kernels.load_kernels).
+#include <torch/extension.h>
+
+#include "kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("masked_sgd_", &masked_sgd_,
+             "hard-masked SGD step over lists of float32 CPU tensors (in place)");
+  module.def("kept_indices", &kept_indices,
+             "flat indices (increasing, int64) of the candidates whose score is not strictly "
+             "worse than the threshold");
+}
