@@ -333,7 +333,7 @@ def variants(spec: ModelSpec, registry, names: set[str]) -> list[Variant]:
         Variant("rigl", "(e) RigL, regular step", base="hard90",
                 sections=_hard90(topology_update={"name": "rigl", "every": RIGL_EVERY}),
                 requires=(("topology_update", "rigl"),), updates=True),
-        Variant("rigl_kernels", "(e') RigL with [sparsity] cpu_kernels, regular step",
+        Variant("rigl_kernels", "(e') RigL, cpu_kernels, regular step",
                 base="hard90_masked",
                 sections=_hard90(sparsity={"cpu_kernels": True},
                                  topology_update={"name": "rigl", "every": RIGL_EVERY}),

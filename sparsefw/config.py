@@ -259,7 +259,8 @@ class SparsityConfig:
     #: sparsefw's compiled CPU kernels for the mask arithmetic (:mod:`sparsefw.kernels`, built
     #: on first use; needs a C++ compiler and ``ninja``): topology updates pre-filter their
     #: exact selection in one pass, and the engine's ``[optimizer] implementation = "auto"``
-    #: takes ``fused_masked`` where it applies. The same results bit for bit, only faster
+    #: takes ``fused_masked`` where it applies. The same results bit for bit, only faster;
+    #: nothing is built or changed for a run on a GPU
     cpu_kernels: bool = False
 
 

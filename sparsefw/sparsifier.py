@@ -254,8 +254,6 @@ class Sparsifier:
         cfg = method_config(config, self.catalogue, **shortcuts)
         if cfg.train.amp != amp and front_door != "trainer":
             cfg = attrs.evolve(cfg, train=attrs.evolve(cfg.train, amp=amp))
-        if cfg.sparsity.cpu_kernels and (reason := kernels.unavailable()):
-            raise ConfigError([f"[sparsity] cpu_kernels = true: {reason}"])
         self.cfg = cfg
         self.front_door = front_door
         self.model, found_ddp = _unwrap_model(model)
@@ -270,6 +268,9 @@ class Sparsifier:
         self.dist = dist if dist is not None else _dist_context()
         first = next(self.model.parameters(), None)
         self.device = first.device if first is not None else torch.device("cpu")
+        if (cfg.sparsity.cpu_kernels and self.device.type == "cpu"
+                and (reason := kernels.unavailable())):
+            raise ConfigError([f"[sparsity] cpu_kernels = true: {reason}"])
         self.after_optimizer_step = after_optimizer_step
         #: a :class:`sparsefw.engine.guard.DivergenceGuard` run before each optimizer step
         self.guard = guard

@@ -285,10 +285,10 @@ def select_global_indices(
 
 
 def compiled_compact(state) -> Callable | None:
-    """The compiled compare-and-compact (:mod:`sparsefw.kernels`) for a run with ``[sparsity]
-    cpu_kernels = true`` (loaded then: the front doors check that it can be), else None; what
-    the selections take as ``compact``."""
-    if not state.config.sparsity.cpu_kernels:
+    """The compiled compare-and-compact (:mod:`sparsefw.kernels`) for a CPU run with
+    ``[sparsity] cpu_kernels = true`` (loaded then: the front doors check that it can be), else
+    None (off the CPU the switch does nothing); what the selections take as ``compact``."""
+    if not state.config.sparsity.cpu_kernels or state.device.type != "cpu":
         return None
     from sparsefw.kernels import load_kernels
 

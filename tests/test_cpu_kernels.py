@@ -8,6 +8,8 @@ configuration error naming the key."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 
 from sparsefw import Sparsifier, kernels, topology
 from sparsefw import config as config_mod
-from sparsefw.config import ConfigError
+from sparsefw.config import ConfigError, SparsityConfig
 from sparsefw.engine import Trainer
 from sparsefw.kernels.masked_sgd import MaskedSGD
 from sparsefw.testing.resume import assert_same_run
@@ -69,6 +71,22 @@ def test_compare_and_compact_on_every_special_score(largest, magnitude, float_ca
     expect = topology._kept(scores.numpy(), cand.numpy(), t, largest, magnitude)
     c = cand.float() if float_candidates else cand
     got = kernels.load_kernels().kept_indices(scores, c, float(t), largest, magnitude, 0)
+    assert np.array_equal(got.numpy(), expect)
+
+
+def test_compare_and_compact_joins_the_ranges_of_several_threads_in_order():
+    """A layer larger than the kernel's parallel grain (2^18) is split over the threads; the
+    ranges' indices are joined in increasing order."""
+    n = (1 << 20) + 77
+    g = torch.Generator().manual_seed(11)
+    scores, cand = torch.randn(n, generator=g), torch.rand(n, generator=g) < 0.7
+    expect = topology._kept(scores.numpy(), cand.numpy(), np.float32(1.5), True, True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = kernels.load_kernels().kept_indices(scores, cand, 1.5, True, True, 10)
+    finally:
+        torch.set_num_threads(threads)
     assert np.array_equal(got.numpy(), expect)
 
 
@@ -171,3 +189,16 @@ def test_kernels_that_cannot_be_built_are_a_config_error(catalogue, tmp_path, mo
                    {"sparsity": {"density": 0.5, "cpu_kernels": True}}, catalogue=catalogue,
                    total_steps=4)
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_off_the_cpu_the_switch_builds_and_changes_nothing(monkeypatch):
+    def no_build():
+        raise AssertionError("built")
+
+    monkeypatch.setattr(kernels, "load_kernels", no_build)
+    on = SimpleNamespace(sparsity=SparsityConfig(cpu_kernels=True))
+    assert topology.compiled_compact(SimpleNamespace(config=on,
+                                                     device=torch.device("cuda"))) is None
+    off = SimpleNamespace(sparsity=SparsityConfig())
+    assert topology.compiled_compact(SimpleNamespace(config=off,
+                                                     device=torch.device("cpu"))) is None

@@ -115,7 +115,8 @@ class Trainer:
         total = self.steps_per_round + (tc.rounds - 1) * later
         self.total_steps = min(total, tc.max_steps) if tc.max_steps else total
         opt_cfg = cfg.optimizer
-        if cfg.sparsity.cpu_kernels and (reason := kernels.unavailable()):
+        if (cfg.sparsity.cpu_kernels and self.device.type == "cpu"
+                and (reason := kernels.unavailable())):
             raise ConfigError([f"{config_source}: [sparsity] cpu_kernels = true: {reason}"])
         if self.fsdp and opt_cfg.implementation == "auto":  # no fused kernels for DTensors
             opt_cfg = attrs.evolve(opt_cfg, implementation="foreach")
