@@ -26,7 +26,7 @@ takes the whole layer's mask and keeps this rank's part.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -221,6 +221,9 @@ class MaskSet:
         #: per layer, how its mask changed since :meth:`take_edits`: the flat indices
         #: :meth:`update_at` dropped and grew (alternating), or None (replaced whole)
         self._edits: dict[str, list[torch.Tensor] | None] = {}
+        #: ``zero_inactive_`` of sparsefw's compiled CPU kernels (``[sparsity] cpu_kernels``;
+        #: the Sparsifier sets it), which :meth:`zero_at` uses on large float32 CPU layers
+        self.zero_kernel: Callable | None = None
 
     # ------------------------------------------------------------------ access
     @property
@@ -402,6 +405,11 @@ class MaskSet:
         new = self._float[name]
         idx = edits.dropped if grown_zero else torch.cat(edits)
         views = [flat_numpy(t) for t in (old, new, *tensors)]
+        if (grown_zero and self.zero_kernel is not None and views[1] is not None
+                and all(t.dtype == torch.float32 for t in (new, *tensors))
+                and all(v is not None for v in views[2:])):  # one compiled loop, same writes
+            self.zero_kernel(idx, new, tensors)
+            return True
         if all(v is not None for v in views):  # large CPU layers: numpy gathers and scatters
             i = idx.numpy()
             now = views[1][i] != 0

@@ -281,6 +281,8 @@ class Sparsifier:
         params = {n: p for n, p in candidates.items()
                   if p.requires_grad and id(p) in in_optimizer}
         self.masks = MaskSet(params, kind=sp.kind)
+        if sp.cpu_kernels and self.device.type == "cpu":  # (index edits in one compiled loop)
+            self.masks.zero_kernel = kernels.load_kernels().zero_inactive_
         #: FSDP2: the masked parameters are sharded DTensors (see :mod:`sparsefw.sharding`)
         self.sharded = self.masks.sharded
         if self.sharded:

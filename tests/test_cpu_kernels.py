@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from sparsefw import Sparsifier, kernels, topology
 from sparsefw import config as config_mod
+from sparsefw import masks as masks_mod
 from sparsefw.config import ConfigError, SparsityConfig
 from sparsefw.engine import Trainer
 from sparsefw.kernels.masked_sgd import MaskedSGD
@@ -120,6 +121,36 @@ def test_a_large_layer_selects_the_same_entries_through_the_kernel(largest, magn
     assert torch.equal(got, expect)
 
 
+@given(n=st.integers(1, 400), density=st.sampled_from([0.0, 0.3, 1.0]),
+       seed=st.integers(0, 2**16), tensors=st.integers(0, 3), data=st.data())
+def test_zeroing_at_indices_writes_what_numpy_writes(n, density, seed, tensors, data):
+    """``zero_inactive_`` zeroes every tensor at the indices (any order, repeats) where the
+    0/1 mask is zero (-0.0 included), and nothing else."""
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(n, generator=g) < density).float()
+    mask[torch.rand(n, generator=g) < 0.1] = -0.0
+    idx = torch.tensor(data.draw(st.lists(st.integers(0, n - 1), max_size=2 * n)),
+                       dtype=torch.long)
+    ours = [torch.randn(n, generator=g) for _ in range(tensors)]
+    ref = [t.clone() for t in ours]
+    i = idx.numpy()
+    zero = i[mask.numpy()[i] == 0]
+    for t in ref:
+        t.numpy()[zero] = 0
+    kernels.load_kernels().zero_inactive_(idx, mask, ours)
+    assert all(torch.equal(a, b) for a, b in zip(ours, ref, strict=True))
+
+
+def test_zeroing_at_indices_refuses_what_it_cannot_write():
+    zero = kernels.load_kernels().zero_inactive_
+    with pytest.raises(RuntimeError, match="out of range"):
+        zero(torch.tensor([0, 8]), torch.zeros(8), [torch.ones(8)])
+    with pytest.raises(RuntimeError, match="mask's size"):
+        zero(torch.tensor([0]), torch.zeros(8), [torch.ones(4)])
+    with pytest.raises(RuntimeError, match="float32"):
+        zero(torch.tensor([0]), torch.zeros(8), [torch.ones(8, dtype=torch.float64)])
+
+
 METHODS = {
     "rigl": {"topology_update": {"name": "rigl", **EVERY}},
     "set": {"topology_update": {"name": "set", **EVERY}},
@@ -140,11 +171,13 @@ def _run(catalogue, tmp_path, raw) -> Trainer:
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_a_run_with_the_kernels_equals_one_without(catalogue, tmp_path, monkeypatch, method):
     """Whole runs of every method that selects by scores through ``select_indices`` or
-    ``select_global_indices``: every layer takes the sampled path here (the threshold lowered),
-    and the kernel answers in the run with ``cpu_kernels`` (counted)."""
+    ``select_global_indices``: every layer takes the sampled path and the numpy route of the
+    index edits here (the thresholds lowered), and the kernels answer in the run with
+    ``cpu_kernels`` (counted)."""
     monkeypatch.setattr(topology, "SAMPLED_MIN_NUMEL", 0)
+    monkeypatch.setattr(masks_mod, "NUMPY_MIN_NUMEL", 0)
     loaded = kernels.load_kernels()
-    calls = []
+    calls, zeroed = [], []
 
     class Counting:
         masked_sgd_ = loaded.masked_sgd_
@@ -154,12 +187,17 @@ def test_a_run_with_the_kernels_equals_one_without(catalogue, tmp_path, monkeypa
             calls.append(1)
             return loaded.kept_indices(*args)
 
+        @staticmethod
+        def zero_inactive_(*args):
+            zeroed.append(1)
+            return loaded.zero_inactive_(*args)
+
     monkeypatch.setattr(kernels, "load_kernels", lambda: Counting)
     runs = []
     for on in (False, True):
         raw = merge(merge(BASE, METHODS[method]), {"sparsity": {"cpu_kernels": on}})
         runs.append(_run(catalogue, tmp_path / str(on), raw))
-        assert bool(calls) is on
+        assert bool(calls) is on and bool(zeroed) is on
     without, with_kernels = runs
     assert with_kernels.state.step == without.state.step == 24
     assert_same_run(without, with_kernels)

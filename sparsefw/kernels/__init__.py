@@ -1,6 +1,6 @@
 """sparsefw's own compiled CPU kernels, built on first use.
 
-Two kernels, in one extension module:
+Three kernels, in one extension module:
 
 * the hard-masked SGD step (``masked_sgd.cpp``; the optimizer that drives it is
   :class:`sparsefw.kernels.masked_sgd.MaskedSGD`). torch has no optimizer kernel that also
@@ -9,7 +9,11 @@ Two kernels, in one extension module:
   is most of the gap to the plain loop (``benchmarks/mask_pass.py``);
 * compare-and-compact (``compact.cpp``): the pre-filter of the exact top-k selection of
   topology updates (:func:`sparsefw.topology.select_indices` on large CPU layers) in one pass
-  over the scores and candidates instead of numpy's four; the selected entries are the same.
+  over the scores and candidates instead of numpy's four; the selected entries are the same;
+* zeroing at indices (``edits.cpp``): after a topology update, the weight and optimizer state
+  of the entries it dropped, in one loop over the indices
+  (:meth:`sparsefw.masks.MaskSet.zero_at`) instead of a gather, a compaction and a scatter per
+  tensor.
 
 The module is compiled with :func:`torch.utils.cpp_extension.load` the first time it is asked
 for (a C++ compiler and the ``ninja`` build tool are needed: ``pip install "sparsefw[kernels]"``;
@@ -68,7 +72,7 @@ def build_flags() -> list[str]:
 
 
 #: the sources of the extension module, compiled together
-SOURCES = ("masked_sgd.cpp", "compact.cpp", "bindings.cpp")
+SOURCES = ("masked_sgd.cpp", "compact.cpp", "edits.cpp", "bindings.cpp")
 
 
 @functools.cache

@@ -9,4 +9,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("kept_indices", &kept_indices,
              "flat indices (increasing, int64) of the candidates whose score is not strictly "
              "worse than the threshold");
+  module.def("zero_inactive_", &zero_inactive_,
+             "zero float32 tensors at the flat indices where the 0/1 mask is zero (in place)");
 }

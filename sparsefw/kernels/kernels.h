@@ -17,3 +17,7 @@ void masked_sgd_(const std::vector<at::Tensor>& params, const std::vector<at::Te
 // compact.cpp: the candidates not worse than a threshold, as increasing flat indices.
 at::Tensor kept_indices(const at::Tensor& scores, const at::Tensor& candidates, double threshold,
                         bool largest, bool magnitude, int64_t expected);
+
+// edits.cpp: zero every tensor at the indices where the 0/1 mask is zero.
+void zero_inactive_(const at::Tensor& idx, const at::Tensor& mask,
+                    const std::vector<at::Tensor>& tensors);
