@@ -13,6 +13,8 @@ Rows, all on the same model, fixed batch and SGD settings (lr 0.05, momentum 0.9
                           CPU kernel folds the mask into the SGD update; where it builds)
   (c)  ``rigl``           sparsefw's RigL (Evci et al., arXiv 1911.11134) on (b): a regular
                           step, an update step and the cost amortised over ΔT = 100
+  (c') ``rigl_kernels``   (c) with ``[sparsity] cpu_kernels = true`` (sparsefw's compiled CPU
+                          kernels: the selection's pre-filter and ``fused_masked`` SGD)
   (d)  ``seed``           a hand-written "seed-style" mask loop of the kind one-off research
                           repositories write: float 0/1 masks (ERK, 90%), after ``backward``
                           ``p.grad.mul_(mask)`` per parameter, ``optimizer.step()``, then
@@ -306,6 +308,9 @@ def rows(spec, catalogue, device: torch.device, sizes: Sizes, run_dir: Path) -> 
             note="the mask folded into the SGD update by sparsefw's CPU kernel"),
         Row("rigl", "(c) sparsefw RigL 90%, regular step", engine("rigl"),
             kernels=kern, updates=True),
+        Row("rigl_kernels", "(c') sparsefw RigL 90%, cpu_kernels", engine("rigl_kernels"),
+            kernels="fused_masked", updates=True,
+            note="[sparsity] cpu_kernels: compiled selection and fused_masked SGD"),
         Row("seed", "(d) seed-style mask loop 90%",
             lambda: SeedLoopRunner(spec, registry, device), kernels=kern,
             note="float masks, grad.mul_ / data.mul_ per parameter"),
