@@ -8,6 +8,7 @@ configuration error naming the key."""
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -240,3 +241,12 @@ def test_off_the_cpu_the_switch_builds_and_changes_nothing(monkeypatch):
     off = SimpleNamespace(sparsity=SparsityConfig())
     assert topology.compiled_compact(SimpleNamespace(config=off,
                                                      device=torch.device("cpu"))) is None
+
+
+def test_each_python_environment_builds_its_own_module(monkeypatch):
+    """One build per environment (named after ``sys.prefix``): another environment's build
+    does not replace this one's."""
+    assert kernels.load_kernels().__name__ == kernels.module_name()
+    here = kernels.module_name()
+    monkeypatch.setattr(sys, "prefix", sys.prefix + "-other")
+    assert kernels.module_name() != here and kernels.module_name().startswith("sparsefw_kernels_")

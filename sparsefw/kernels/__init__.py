@@ -18,14 +18,15 @@ Three kernels, in one extension module:
 The module is compiled with :func:`torch.utils.cpp_extension.load` the first time it is asked
 for (a C++ compiler and the ``ninja`` build tool are needed: ``pip install "sparsefw[kernels]"``;
 the build takes about a minute on two cores and is cached in torch's extension directory,
-``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``). Nothing imports or builds it unless a
-configuration asks for it (``[train] cpu_kernels = true``, or ``[optimizer] implementation =
-"fused_masked"``).
+``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, one build per Python environment:
+:func:`module_name`). Nothing imports or builds it unless a configuration asks for it
+(``[sparsity] cpu_kernels = true``, or ``[optimizer] implementation = "fused_masked"``).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import shutil
@@ -75,6 +76,14 @@ def build_flags() -> list[str]:
 SOURCES = ("masked_sgd.cpp", "compact.cpp", "edits.cpp", "bindings.cpp")
 
 
+def module_name() -> str:
+    """The extension's name: one per Python environment. torch keeps one build per name in
+    its extension directory and rebuilds when the compile command changes, which another
+    environment's include paths do; with one name for all, a development environment and a
+    tox environment would rebuild each other's kernels in turn."""
+    return f"sparsefw_kernels_{hashlib.sha256(sys.prefix.encode()).hexdigest()[:10]}"
+
+
 @functools.cache
 def load_kernels() -> ModuleType:
     """The compiled kernels (built on the first call of a process, or loaded from the
@@ -95,7 +104,7 @@ def load_kernels() -> ModuleType:
     notice.start()
     try:
         return cpp_extension.load(
-            name="sparsefw_kernels", sources=[str(HERE / f) for f in SOURCES],
+            name=module_name(), sources=[str(HERE / f) for f in SOURCES],
             extra_cflags=flags, verbose=False)
     except Exception as exc:  # a compiler error, a stale or broken cache entry
         raise KernelUnavailable(f"sparsefw's CPU kernels failed to build: {exc}") from exc
