@@ -22,7 +22,8 @@ One run measures, on the same model, the same fixed batch and the same optimizer
                   over ΔT = 100 steps; (e') ``rigl_kernels`` the same with ``[sparsity]
                   cpu_kernels = true`` (compiled selection pre-filter, fused_masked SGD; against
                   (c"); CPU only); (e2)-(e6) ``set``, ``granet``, ``dsr``, ``snfs``, ``mest`` the
-                  same for the other drop-and-grow methods
+                  same for the other drop-and-grow methods, and (e2')-(e6') ``set_kernels`` …
+                  ``mest_kernels`` those with ``cpu_kernels`` (only when ``--only`` names them)
   (f) ``s2sam``, (g) ``sam``, (h) ``agent``  on top of (c); AGENT also per epoch (its epoch hooks
                   run a statistics pass over the training data); (h') ``agent_prev`` its
                   ``mean_grad = "previous_epoch"`` variant (no statistics pass); (h'')
@@ -227,6 +228,8 @@ class Variant:
     period: int = 1
     #: ``unavailable(device)``: why the variant cannot run there (None: it can)
     unavailable: Callable[[torch.device], str | None] | None = None
+    #: measured only when ``--only`` names it (not part of the default table)
+    opt_in: bool = False
 
 
 def _hard90(sparsity: dict | None = None, **extra) -> dict:
@@ -344,6 +347,13 @@ def variants(spec: ModelSpec, registry, names: set[str]) -> list[Variant]:
                   sections=_hard90(topology_update={"name": name, "every": RIGL_EVERY}),
                   requires=(("topology_update", name),), updates=True, note=note)
           for i, (name, label, note) in enumerate(TOPOLOGY_ROWS, start=2)),
+        *(Variant(f"{name}_kernels", f"(e{i}') {label}, cpu_kernels, regular step",
+                  base="hard90_masked",
+                  sections=_hard90(sparsity={"cpu_kernels": True},
+                                   topology_update={"name": name, "every": RIGL_EVERY}),
+                  requires=(("topology_update", name),), updates=True,
+                  unavailable=cpu_kernels_unavailable, opt_in=True)
+          for i, (name, label, _) in enumerate(TOPOLOGY_ROWS, start=2)),
         Variant("s2sam", "(f) S2-SAM", base="hard90",
                 sections=_hard90(perturb=[{"name": "s2sam"}]), requires=(("perturb", "s2sam"),)),
         Variant("sam", "(g) SAM", base="hard90",
@@ -1083,6 +1093,8 @@ def main(argv=None) -> int:
                     keep = {"plain", *args.only.split(",")}
                     keep |= {v.base for v in vlist if v.key in keep and v.base}
                     vlist = [v for v in vlist if v.key in keep]
+                else:
+                    vlist = [v for v in vlist if not v.opt_in]
                 res = measure_model(spec, vlist, catalogue, device, sizes, args, Path(tmp),
                                     log=print)
                 res["device"] = device.type

@@ -54,6 +54,9 @@ def test_quick_run_prints_the_ratio_table(tmp_path):
         assert v[key]["state_mb"] > 0 and v[key]["peak_mb"] >= v[key]["state_mb"] * 0.5
     for key, rec in v.items():
         assert rec["status"] in ("ok", "not available"), (key, rec)
+    # the other methods' cpu_kernels rows run only when --only names them
+    assert "rigl_kernels" in v and not any(k.endswith("_kernels") and k != "rigl_kernels"
+                                           for k in v)
     if v["rigl"]["status"] == "ok":
         assert "update" in v["rigl"] and v["rigl"]["amortised"]["every"] == 100
     if v["agent"]["status"] == "ok":
@@ -107,3 +110,15 @@ def test_mask_pass_script_reports_the_loops(bench):
         expected.append("masked kernel")
     assert [r[:16].strip() for r in rows] == expected
     assert rows[0].endswith("1.00x") and all(r.endswith("x") for r in rows)
+
+
+def test_opt_in_rows_are_variants_of_every_topology_row(bench):
+    spec = bench.model_spec("mlp", bench.PRESETS["tiny"])
+    catalogue = bench.build_catalogue([])
+    vs = {v.key: v for v in bench.variants(spec, catalogue.registry,
+                                           set(catalogue.registry.entries))}
+    for name, _, _ in bench.TOPOLOGY_ROWS:
+        row = vs[f"{name}_kernels"]
+        assert row.opt_in and row.updates and row.base == "hard90_masked"
+        assert row.sections["sparsity"]["cpu_kernels"] is True
+        assert row.sections["topology_update"]["name"] == name
