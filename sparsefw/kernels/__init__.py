@@ -37,7 +37,8 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["KernelUnavailable", "load_kernels", "unavailable", "build_flags", "vector_width"]
+__all__ = ["KernelUnavailable", "load_kernels", "unavailable", "module_name", "build_flags",
+           "vector_width"]
 
 HERE = Path(__file__).resolve().parent
 
