@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sparsefw.cli import main
 from sparsefw.engine import Trainer, checkpoint
-from sparsefw.engine.guard import Diverged, DivergenceGuard
+from sparsefw.engine.guard import Diverged, DivergenceGuard, _all_finite
 
 
 # ------------------------------------------------------------------------------ by hand
@@ -85,6 +88,30 @@ def test_non_finite_weights_are_never_checkpointed():
     guard.check_weights(5, [torch.ones(3)])
     with pytest.raises(Diverged, match="non-finite weights after step 5"):
         guard.check_weights(5, [torch.ones(3), torch.tensor([0.0, math.inf])])
+
+
+def test_large_finite_weights_are_checkpointed():
+    """Float32 weights whose squares overflow (|w| > ~1.8e19, or many entries near 1e18) are
+    finite: the norm pass alone would call them non-finite."""
+    guard = DivergenceGuard("stop", 0, 1, torch.device("cpu"))
+    guard.check_weights(5, [torch.ones(3), torch.tensor([3e19, -1e38]),
+                            torch.full((1000,), 1e18)])
+    with pytest.raises(Diverged, match="non-finite weights after step 5"):
+        guard.check_weights(5, [torch.tensor([3e19, math.nan])])
+
+
+#: float32 entries, large finite magnitudes (whose squares overflow) and non-finite ones often
+_FLOAT32 = st.one_of(st.sampled_from([0.0, 1.0, 1e18, -3e19, 3.4e38, math.nan, math.inf,
+                                      -math.inf]),
+                     st.floats(width=32, allow_nan=True, allow_infinity=True))
+
+
+@given(st.lists(st.lists(_FLOAT32, min_size=1, max_size=40), min_size=1, max_size=4))
+def test_all_finite_is_exact(values):
+    """Whatever the magnitudes (up to float32's largest), the weights check answers exactly
+    "is every entry finite"."""
+    tensors = [torch.tensor(v, dtype=torch.float32) for v in values]
+    assert _all_finite(tensors) == all(bool(np.isfinite(v).all()) for v in values)
 
 
 # ------------------------------------------------------------------------------ in a run

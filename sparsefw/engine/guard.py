@@ -43,20 +43,29 @@ class Diverged(RuntimeError):
 
 def _nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """A bool scalar on the tensors' device: does any entry of ``tensors`` fail to be
-    finite? (A NaN or an infinity makes its tensor's norm, and so the sum, non-finite.)"""
+    finite? (A NaN or an infinity makes its tensor's norm, and so the sum, non-finite.) One
+    pass and no host sync; a float32 gradient whose squares overflow (an entry beyond ~1e19)
+    counts as non-finite too — the device flag cannot tell the two apart without a second pass,
+    and a gradient that large has diverged in all but name."""
     norms = torch._foreach_norm(tensors)
-    return ~torch.isfinite(torch.stack(norms).sum())
+    return ~torch.isfinite(torch.stack(norms).double().sum())
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Are all entries of ``tensors`` finite? The host's answer (one pass: the norms). On the
-    CPU each tensor's norm is read as it is (a read there costs less than stacking them); on an
-    accelerator the norms are summed there and read once. The sum is taken in double precision
-    on the host, so finite norms never add up to a false infinity."""
+    """Are all entries of ``tensors`` finite? The host's answer, exact: one pass (the norms);
+    a tensor whose norm is not finite is then looked at entry by entry, since its squares may
+    have overflowed with every entry finite (float32 beyond ~1e19). On the CPU each norm is
+    read as it is (a read there costs less than stacking them); on an accelerator the norms
+    are summed there and read once. Sums are in double precision, so finite norms never add
+    up to a false infinity."""
     norms = torch._foreach_norm(tensors)
     if norms[0].device.type == "cpu":
-        return math.isfinite(sum(n.item() for n in norms))
-    return bool(torch.isfinite(torch.stack(norms).double().sum()))
+        if math.isfinite(sum(n.item() for n in norms)):
+            return True
+    elif bool(torch.isfinite(torch.stack(norms).double().sum())):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t, n in zip(tensors, norms, strict=True)
+               if not math.isfinite(n.item()))
 
 
 class DivergenceGuard:
