@@ -8,6 +8,7 @@ configuration error naming the key."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from types import SimpleNamespace
 
@@ -250,3 +251,15 @@ def test_each_python_environment_builds_its_own_module(monkeypatch):
     here = kernels.module_name()
     monkeypatch.setattr(sys, "prefix", sys.prefix + "-other")
     assert kernels.module_name() != here and kernels.module_name().startswith("sparsefw_kernels_")
+
+
+def test_torchs_cuda_notice_is_dropped_and_nothing_else(caplog):
+    """Loading CPU kernels on a machine with a CUDA toolkit and no GPU does not print torch's
+    "No CUDA runtime is found"; other records of that logger still pass."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    with caplog.at_level(logging.WARNING), kernels._without_cuda_notice():
+        log.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")
+        log.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
+    log.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")  # filter gone
+    assert len(caplog.records) == 2

@@ -25,8 +25,10 @@ the build takes about a minute on two cores and is cached in torch's extension d
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -85,11 +87,29 @@ def module_name() -> str:
     return f"sparsefw_kernels_{hashlib.sha256(sys.prefix.encode()).hexdigest()[:10]}"
 
 
+@contextlib.contextmanager
+def _without_cuda_notice():
+    """torch's ``cpp_extension`` warns "No CUDA runtime is found" when it is imported on a
+    machine with a CUDA toolkit but no GPU; these kernels are CPU code, so that record is
+    dropped (any other record of that logger passes)."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
+
+
 @functools.cache
 def load_kernels() -> ModuleType:
     """The compiled kernels (built on the first call of a process, or loaded from the
     extension cache); :class:`KernelUnavailable` with the reason where they cannot be."""
-    from torch.utils import cpp_extension
+    with _without_cuda_notice():
+        from torch.utils import cpp_extension
 
     _find_ninja()
     compiler = os.environ.get("CXX", "c++")
