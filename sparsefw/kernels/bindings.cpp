@@ -1,5 +1,6 @@
 // The Python module of sparsefw's compiled CPU kernels (loaded by sparsefw.kernels.load_kernels).
-#include <torch/extension.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include "kernels.h"
 

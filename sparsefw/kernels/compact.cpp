@@ -7,7 +7,8 @@
 // without, s > t (magnitude: s > t or s < -t). A NaN score compares false both ways, so it is
 // never worse: it is kept, as numpy's comparisons keep it. Candidates are the nonzero entries
 // of a bool or float32 tensor of the same size.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 
 #include <immintrin.h>

@@ -3,7 +3,7 @@
 // tensor where the stored 0/1 mask is now zero, in one loop over the indices instead of a
 // gather, a compaction and one scatter per tensor (sparsefw.masks.MaskSet.zero_at). The
 // writes are zeros, so the result equals the numpy route's bit for bit.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <vector>
 

@@ -1,7 +1,7 @@
 // Declarations of sparsefw's compiled CPU kernels (bound to Python in bindings.cpp).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <vector>

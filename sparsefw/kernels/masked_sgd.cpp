@@ -17,7 +17,7 @@
 // does the same at the same positions (``width`` comes from torch's CPU capability).
 // Built on first use by sparsefw.kernels (torch.utils.cpp_extension, -ffp-contract=off so the
 // compiler adds no contractions of its own).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 
 #include "kernels.h"

@@ -40,7 +40,7 @@ MaskSource = Callable[[], tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]]
 class MaskedSGD(torch.optim.SGD):
     """SGD (momentum, dampening, Nesterov, weight decay, maximize: torch's semantics) whose
     step also zeroes the pruned gradient entries of the parameters :attr:`mask_source` names,
-    in the same pass. Builds sparsefw's kernel on construction (about a minute the first time;
+    in the same pass. Builds sparsefw's kernel on construction (about 30 s the first time;
     :class:`sparsefw.kernels.KernelUnavailable` says why where it cannot)."""
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
