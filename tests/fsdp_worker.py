@@ -179,7 +179,8 @@ def _report(out: str, rank: int) -> None:
 def run_cases(rank: int, world: int, port: int, out: str, cases: list[tuple]) -> None:
     """Several cases in one process group (one spawn, in order): ``(tag, kwargs)`` runs
     :func:`train_loop` sharded and writes ``<tag><rank>.pt``; ``("nm_split", {})`` and
-    ``("refusals", {})`` write what was refused. A failing case writes ``<tag><rank>.err``
+    ``("refusals", {})`` write what was refused, ``("weights_check", {})`` what the
+    divergence guard answered. A failing case writes ``<tag><rank>.err``
     with its traceback and the next case runs."""
     try:
         _setup(rank, world, port)
@@ -189,6 +190,8 @@ def run_cases(rank: int, world: int, port: int, out: str, cases: list[tuple]) ->
                     nm_split(out, rank)
                 elif tag == "refusals":
                     refusals(out, rank)
+                elif tag == "weights_check":
+                    weights_check(out, rank)
                 elif "raw" in kwargs:
                     result = trainer_run(os.path.join(out, tag), **kwargs)
                     torch.save(result, os.path.join(out, f"{tag}{rank}.pt"))
@@ -265,6 +268,32 @@ def nm_split(out: str, rank: int) -> None:
         model, opt, {"sparsity": {"kind": "forward", "density": 0.5},
                      "topology_update": {"name": "nm", "n": 2, "m": 4}},
         catalogue=load_catalogue(autoload=False), total_steps=4))
+
+
+def weights_check(out: str, rank: int) -> None:
+    """The divergence guard's weights check (what runs before every checkpoint write) on a
+    sharded MLP: first two finite entries whose squares overflow float32, on rank 0's shard
+    only; then also a NaN, on rank 1's shard only. Each rank writes what it answered."""
+    import math
+
+    from sparsefw import sharding
+    from sparsefw.engine.guard import Diverged, DivergenceGuard
+
+    model = shard(mlp())
+    params = list(model.parameters())
+    guard = DivergenceGuard("stop", 0, 1, torch.device("cpu"))
+    local = sharding.local(params[0].detach()).view(-1)
+    answers = []
+    for values, owner in (((3e19, -3e19), 0), ((math.nan,), 1)):
+        if rank == owner:
+            with torch.no_grad():
+                local[:len(values)] = torch.tensor(values)
+        try:
+            guard.check_weights(0, params)
+            answers.append("finite")
+        except Diverged:
+            answers.append("diverged")
+    torch.save(answers, os.path.join(out, f"weights_check{rank}.pt"))
 
 
 def refusals(out: str, rank: int) -> None:

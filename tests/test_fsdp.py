@@ -60,7 +60,7 @@ def fsdp_runs(tmp_path_factory):
         at = (f"{ckpt}_{m}", CKPT_AT)
         cases += [(f"full_{m}", {"method": m, "steps": STEPS, "save": at}),
                   (f"resumed_{m}", {"method": m, "steps": STEPS, "resume": at})]
-    cases += [("nm_split", {}), ("refusals", {})]
+    cases += [("nm_split", {}), ("refusals", {}), ("weights_check", {})]
     cases += [("trainer_ddp", {"raw": TRAINER_RAW}), ("trainer_fsdp", {"raw": TRAINER_FSDP}),
               ("trainer_resumed", {"raw": TRAINER_FSDP,
                                    "resume_prev_of": str(out / "trainer_fsdp")}),
@@ -204,6 +204,15 @@ def test_fsdp_refuses_unverified_components(fsdp_runs):
         text = (out / f"sam{r}.txt").read_text()
         assert text.startswith("NotSupportedUnderFSDP") and "[perturb] 'sam'" in text
         assert "s2sam" in text
+
+
+def test_the_weights_check_agrees_across_ranks(fsdp_runs):
+    """Before a checkpoint write every rank checks the weights: finite entries whose squares
+    overflow, on one rank's shard, are finite on both ranks; a NaN on the other rank's shard is
+    non-finite on both. (Each rank reading its own shard would answer differently, and a rank
+    that raised alone would leave the other waiting in the checkpoint's collectives.)"""
+    _, load = fsdp_runs
+    assert load("weights_check") == [["finite", "diverged"]] * 2
 
 
 def test_trainer_fsdp_equals_ddp(fsdp_runs):

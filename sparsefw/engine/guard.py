@@ -29,6 +29,8 @@ from collections.abc import Iterable
 
 import torch
 
+from sparsefw import sharding
+
 #: what was non-finite, as the codes folded into the device flag
 _WHAT = {1: "loss", 2: "gradient", 3: "loss and gradient"}
 
@@ -52,12 +54,26 @@ def _nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Are all entries of ``tensors`` finite? The host's answer, exact: one pass (the norms);
-    a tensor whose norm is not finite is then looked at entry by entry, since its squares may
-    have overflowed with every entry finite (float32 beyond ~1e19). On the CPU each norm is
-    read as it is (a read there costs less than stacking them); on an accelerator the norms
-    are summed there and read once. Sums are in double precision, so finite norms never add
-    up to a false infinity."""
+    """Are all entries of ``tensors`` finite? The host's answer, exact, and the same on every
+    rank: each rank looks at its own shards (FSDP2 ``DTensor`` parameters: a ``DTensor``'s
+    partial norm reads back as this rank's part only) and, when a tensor is sharded, the ranks
+    agree by one all-reduce of the answer over its mesh, so that all of them raise alike."""
+    finite = _locally_finite([sharding.local(t) for t in tensors])
+    sharded = next((t for t in tensors if sharding.is_sharded(t)), None)
+    if sharded is None:
+        return finite
+    flag = torch.tensor(0 if finite else 1, device=sharding.local(sharded).device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
+                                 group=sharded.device_mesh.get_group())
+    return not bool(flag)
+
+
+def _locally_finite(tensors: list[torch.Tensor]) -> bool:
+    """:func:`_all_finite` of plain tensors: one pass (the norms); a tensor whose norm is not
+    finite is then looked at entry by entry, since its squares may have overflowed with every
+    entry finite (float32 beyond ~1e19). On the CPU each norm is read as it is (a read there
+    costs less than stacking them); on an accelerator the norms are summed there and read
+    once. Sums are in double precision, so finite norms never add up to a false infinity."""
     norms = torch._foreach_norm(tensors)
     if norms[0].device.type == "cpu":
         if math.isfinite(sum(n.item() for n in norms)):
