@@ -271,13 +271,21 @@ def nm_split(out: str, rank: int) -> None:
 
 
 def weights_check(out: str, rank: int) -> None:
-    """The divergence guard's weights check (what runs before every checkpoint write) on a
-    sharded MLP: first two finite entries whose squares overflow float32, on rank 0's shard
-    only; then also a NaN, on rank 1's shard only. Each rank writes what it answered."""
+    """The divergence guard on a sharded MLP, each rank writing what it answered. Weights (what
+    runs before every checkpoint write): first two finite entries whose squares overflow
+    float32, on rank 0's shard only; then also a NaN, on rank 1's shard only. Gradients (of a
+    fresh model): an infinity on rank 1's shard only, under ``stop`` (read at the window's end)
+    and under ``skip`` (read every step)."""
     import math
 
     from sparsefw import sharding
     from sparsefw.engine.guard import Diverged, DivergenceGuard
+
+    def verdict(check) -> str:
+        try:
+            return "diverged" if check() else "finite"
+        except Diverged:
+            return "diverged"
 
     model = shard(mlp())
     params = list(model.parameters())
@@ -288,11 +296,17 @@ def weights_check(out: str, rank: int) -> None:
         if rank == owner:
             with torch.no_grad():
                 local[:len(values)] = torch.tensor(values)
-        try:
-            guard.check_weights(0, params)
-            answers.append("finite")
-        except Diverged:
-            answers.append("diverged")
+        answers.append(verdict(lambda: guard.check_weights(0, params)))
+    model = shard(mlp())
+    params = list(model.parameters())
+    model(torch.ones(4, 8)).sum().backward()
+    if rank == 1:
+        sharding.local(params[2].grad).view(-1)[0] = math.inf
+    for policy in ("stop", "skip"):
+        guard = DivergenceGuard(policy, 5, 1, torch.device("cpu"))
+        answers.append(verdict(lambda guard=guard: guard.after_backward(0, torch.tensor(1.0),
+                                                                        params)
+                               or guard.check()))
     torch.save(answers, os.path.join(out, f"weights_check{rank}.pt"))
 
 

@@ -206,13 +206,17 @@ def test_fsdp_refuses_unverified_components(fsdp_runs):
         assert "s2sam" in text
 
 
-def test_the_weights_check_agrees_across_ranks(fsdp_runs):
-    """Before a checkpoint write every rank checks the weights: finite entries whose squares
-    overflow, on one rank's shard, are finite on both ranks; a NaN on the other rank's shard is
-    non-finite on both. (Each rank reading its own shard would answer differently, and a rank
-    that raised alone would leave the other waiting in the checkpoint's collectives.)"""
+def test_the_divergence_guard_agrees_across_ranks(fsdp_runs):
+    """Every rank checks the weights before a checkpoint write, and the gradients: finite
+    entries whose squares overflow, on one rank's shard, are finite on both ranks; a NaN weight
+    or an infinite gradient on the other rank's shard is divergence on both, under ``stop`` and
+    under ``skip``. (Each rank reading its own shard would answer differently, and a rank that
+    raised alone would leave the other waiting in the next collective. The gradients' flag
+    agrees through ``DTensor`` itself, which reduces the partial norms before the finiteness
+    test; the weights' answer is a partial norm read back per rank, so the guard all-reduces
+    it.)"""
     _, load = fsdp_runs
-    assert load("weights_check") == [["finite", "diverged"]] * 2
+    assert load("weights_check") == [["finite", "diverged", "diverged", "diverged"]] * 2
 
 
 def test_trainer_fsdp_equals_ddp(fsdp_runs):
