@@ -179,7 +179,7 @@ def _report(out: str, rank: int) -> None:
 def run_cases(rank: int, world: int, port: int, out: str, cases: list[tuple]) -> None:
     """Several cases in one process group (one spawn, in order): ``(tag, kwargs)`` runs
     :func:`train_loop` sharded and writes ``<tag><rank>.pt``; ``("nm_split", {})`` and
-    ``("refusals", {})`` write what was refused, ``("weights_check", {})`` what the
+    ``("refusals", {})`` write what was refused, ``("guard_verdicts", {})`` what the
     divergence guard answered. A failing case writes ``<tag><rank>.err``
     with its traceback and the next case runs."""
     try:
@@ -190,8 +190,8 @@ def run_cases(rank: int, world: int, port: int, out: str, cases: list[tuple]) ->
                     nm_split(out, rank)
                 elif tag == "refusals":
                     refusals(out, rank)
-                elif tag == "weights_check":
-                    weights_check(out, rank)
+                elif tag == "guard_verdicts":
+                    guard_verdicts(out, rank)
                 elif "raw" in kwargs:
                     result = trainer_run(os.path.join(out, tag), **kwargs)
                     torch.save(result, os.path.join(out, f"{tag}{rank}.pt"))
@@ -270,7 +270,7 @@ def nm_split(out: str, rank: int) -> None:
         catalogue=load_catalogue(autoload=False), total_steps=4))
 
 
-def weights_check(out: str, rank: int) -> None:
+def guard_verdicts(out: str, rank: int) -> None:
     """The divergence guard on a sharded MLP, each rank writing what it answered. Weights (what
     runs before every checkpoint write): first two finite entries whose squares overflow
     float32, on rank 0's shard only; then also a NaN, on rank 1's shard only. Gradients (of a
@@ -307,7 +307,7 @@ def weights_check(out: str, rank: int) -> None:
         answers.append(verdict(lambda guard=guard: guard.after_backward(0, torch.tensor(1.0),
                                                                         params)
                                or guard.check()))
-    torch.save(answers, os.path.join(out, f"weights_check{rank}.pt"))
+    torch.save(answers, os.path.join(out, f"guard_verdicts{rank}.pt"))
 
 
 def refusals(out: str, rank: int) -> None:

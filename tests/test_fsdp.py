@@ -60,7 +60,7 @@ def fsdp_runs(tmp_path_factory):
         at = (f"{ckpt}_{m}", CKPT_AT)
         cases += [(f"full_{m}", {"method": m, "steps": STEPS, "save": at}),
                   (f"resumed_{m}", {"method": m, "steps": STEPS, "resume": at})]
-    cases += [("nm_split", {}), ("refusals", {}), ("weights_check", {})]
+    cases += [("nm_split", {}), ("refusals", {}), ("guard_verdicts", {})]
     cases += [("trainer_ddp", {"raw": TRAINER_RAW}), ("trainer_fsdp", {"raw": TRAINER_FSDP}),
               ("trainer_resumed", {"raw": TRAINER_FSDP,
                                    "resume_prev_of": str(out / "trainer_fsdp")}),
@@ -216,7 +216,7 @@ def test_the_divergence_guard_agrees_across_ranks(fsdp_runs):
     test; the weights' answer is a partial norm read back per rank, so the guard all-reduces
     it.)"""
     _, load = fsdp_runs
-    assert load("weights_check") == [["finite", "diverged", "diverged", "diverged"]] * 2
+    assert load("guard_verdicts") == [["finite", "diverged", "diverged", "diverged"]] * 2
 
 
 def test_trainer_fsdp_equals_ddp(fsdp_runs):
